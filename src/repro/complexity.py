@@ -38,8 +38,8 @@ def layer_type(module: nn.Module) -> str:
     return kind
 
 
-def profile(model: nn.Module, resolution: int) -> list[Layer]:
-    """Run one `resolution`x`resolution` image through `model` and record every conv and fc layer."""
+def profile(model: nn.Module, resolution: int, channels: int = 3) -> list[Layer]:
+    """Run one `channels`x`resolution`x`resolution` input through `model`; record every conv and fc layer."""
     layers: list[Layer] = []
     names = {m: n for n, m in model.named_modules()}
 
@@ -59,7 +59,7 @@ def profile(model: nn.Module, resolution: int) -> list[Layer]:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, 3, resolution, resolution))
+            model(torch.zeros(1, channels, resolution, resolution))
     finally:
         model.train(was_training)
         for h in handles:

@@ -32,6 +32,14 @@ class ConvBNAct(nn.Sequential):
         super().__init__(*layers)
 
 
+def depthwise_separable(in_ch: int, out_ch: int, stride: int, act: type[nn.Module] = nn.ReLU6) -> nn.Sequential:
+    """MobileNetV1's block: 3x3 depthwise + BN + act, then 1x1 pointwise + BN + act."""
+    return nn.Sequential(
+        ConvBNAct(in_ch, in_ch, 3, stride, groups=in_ch, act=act),
+        ConvBNAct(in_ch, out_ch, 1, 1, act=act),
+    )
+
+
 def _check_width(width_mult: float) -> None:
     """Refuse a width multiplier that would build an empty or negative network."""
     if not isinstance(width_mult, (int, float)) or isinstance(width_mult, bool) or width_mult <= 0:
@@ -95,10 +103,7 @@ class MobileNetV1(nn.Module):
             if full_conv:  # Table 4: a full 3x3 convolution instead of depthwise + pointwise
                 layers.append(ConvBNAct(in_ch, out, 3, s, act=act))
             else:
-                layers.append(nn.Sequential(
-                    ConvBNAct(in_ch, in_ch, 3, s, groups=in_ch, act=act),
-                    ConvBNAct(in_ch, out, 1, 1, act=act),
-                ))
+                layers.append(depthwise_separable(in_ch, out, s, act))
             in_ch = out
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)

@@ -1,4 +1,7 @@
-"""`repro-eval`: evaluation under the papers' test protocols. Not built yet (issue #3); the command refuses to run rather than pretend."""
+"""`repro-eval`: evaluation under the papers' test protocols.
+
+Not built yet (issue #3); the command refuses to run rather than pretend.
+"""
 
 from __future__ import annotations
 

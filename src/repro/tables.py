@@ -1,4 +1,7 @@
-"""`repro-tables`: the papers' tables and figures. Not built yet (issue #5); the command refuses to run rather than pretend."""
+"""`repro-tables`: the papers' tables and figures.
+
+Not built yet (issue #5); the command refuses to run rather than pretend.
+"""
 
 from __future__ import annotations
 

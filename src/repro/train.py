@@ -1,4 +1,7 @@
-"""`repro-train`: training. Not built yet (issue #4); the command refuses to run rather than pretend."""
+"""`repro-train`: training.
+
+Not built yet (issue #4); the command refuses to run rather than pretend.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,17 +40,24 @@ def _read(source: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise WeightsError(
-            f"refused to read {str(path)!r}: it holds Python objects beyond tensors and plain containers, "
-            f"and weights are only read with weights_only=True (no arbitrary code runs). If you trust the "
-            f"file, load it yourself and re-save just its state dict with torch.save(state_dict, ...). "
-            f"Details: {str(e).splitlines()[0]}"
+            f"refused to read {str(path)!r}: it holds Python objects beyond tensors and plain containers "
+            f"(or is corrupted), and weights are only read with weights_only=True (no arbitrary code runs). "
+            f"If you trust the file, load it yourself and re-save just its state dict with "
+            f"torch.save(state_dict, ...). Details: {_unpickling_detail(e)}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # torch.load raises RuntimeError, EOFError, KeyError, ... on files it cannot parse
         raise WeightsError(f"cannot read {str(path)!r} as a PyTorch checkpoint (truncated or not a "
-                           f"checkpoint?): {e}") from None
+                           f"checkpoint?): {type(e).__name__}: {e}") from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     return obj
+
+
+def _unpickling_detail(e: Exception) -> str:
+    """The line of torch's weights_only error that names what was refused (not its ANSI-coloured preamble)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
+    named = [ln.removeprefix("WeightsUnpickler error: ") for ln in lines if "WeightsUnpickler error" in ln]
+    return (named or [ln for ln in lines if ln] or [type(e).__name__])[0]
 
 
 def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:

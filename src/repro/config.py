@@ -27,13 +27,12 @@ class ModelConfig:
 class PlainNetConfig(ModelConfig):
     """ImageNet plain-18/34 (paper Table 1, no shortcuts)."""
 
-    stride_in_1x1: bool = True
-
 
 @dataclass
-class ResNetConfig(PlainNetConfig):
+class ResNetConfig(ModelConfig):
     """ImageNet ResNet-18 ... 152 (paper Table 1)."""
 
+    stride_in_1x1: bool = True  # bottlenecks: stride on the first 1x1 (Caffe release) or the 3x3 (torchvision)
     shortcut: str = "B"  # A | B | C (paper §4.1)
     zero_init_residual: bool = False
 

@@ -11,7 +11,7 @@ from repro.models import mobilenet, resnet
 from repro.models.weights import WEIGHT_FORMATS, WeightsError, load_weights
 
 _RESNET = ("shortcut", "stride_in_1x1", "num_classes", "zero_init_residual")
-_PLAIN = ("stride_in_1x1", "num_classes")
+_PLAIN = ("num_classes",)
 _CIFAR_RESNET = ("shortcut", "shortcut_pad", "num_classes", "zero_init_residual")
 _CIFAR_PLAIN = ("num_classes",)
 _V1 = ("width_mult", "full_conv", "shallow", "activation", "num_classes", "dropout")

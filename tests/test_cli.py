@@ -1,0 +1,146 @@
+"""The command-line apps: configs compose and are checked, repro-summary prints and saves, placeholders refuse."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from repro.cli import CONFIG_DIR
+from repro.config import register_configs
+from repro.models import create_model_from_config, list_models, model_kwargs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_summary(*overrides: str):
+    """Compose the repro-summary config as the command line would."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("summary", overrides=list(overrides))
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a console script the way a user does."""
+    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_one_model_config_per_architecture():
+    """configs/model/ has one file per zoo name, whose keys are name, resolution and the model's kwargs."""
+    files = {p.stem for p in (ROOT / "configs" / "model").glob("*.yaml")}
+    assert files == set(list_models())
+    for name in list_models():
+        cfg = compose_summary(f"model={name}").model
+        assert cfg.name == name
+        assert set(cfg) == {"name", "resolution", *model_kwargs(name)}
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n != "resnet1202"])
+def test_model_configs_build_their_model(name):
+    """Each model config builds its model with the config's values."""
+    cfg = OmegaConf.to_container(compose_summary(f"model={name}").model)
+    model = create_model_from_config(cfg)
+    assert model.training is True
+    assert cfg["resolution"] in (32, 224)
+
+
+def test_typo_in_override_fails_when_config_is_built():
+    """A misspelt key is refused by the structured config before anything runs."""
+    with pytest.raises(ConfigCompositionException, match="widht_mult"):
+        compose_summary("model=mobilenet_v1", "model.widht_mult=0.5")
+
+
+def test_wrong_type_in_override_fails_when_config_is_built():
+    """A value of the wrong type is refused by the structured config."""
+    with pytest.raises(ConfigCompositionException, match="width_mult"):
+        compose_summary("model=mobilenet_v1", "model.width_mult=wide")
+
+
+def test_summary_json(tmp_path):
+    """`repro-summary ... format=json` prints one JSON object with the issue's fields, and keeps it in the run dir."""
+    res = run("repro-summary", "model=mobilenet_v1", "model.width_mult=0.5", "model.resolution=160",
+              "format=json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert round(out["macs"] / 1e6) == 77  # MobileNet Table 8: 0.50 MobileNet-160, 76M (TF-slim: 77M)
+    assert out["params"] == 1_331_592
+    assert set(out["by_type"]) == {"conv1x1", "conv3x3", "conv3x3_dw", "fc"}
+    assert all(set(v) >= {"params", "macs"} for v in out["by_type"].values())
+    assert sum(v["macs"] for v in out["by_type"].values()) == out["macs"]
+    assert len(out["layers"]) == 28  # 27 convs + fc (Table 1 of the MobileNet paper)
+    runs = list((tmp_path / "outputs" / "summary").iterdir())
+    assert len(runs) == 1
+    saved = runs[0]
+    assert json.loads((saved / "summary.json").read_text())["macs"] == out["macs"]
+    resolved = yaml.safe_load((saved / "config.yaml").read_text())
+    assert resolved["model"]["width_mult"] == 0.5 and resolved["format"] == "json"
+    info = json.loads((saved / "run.json").read_text())
+    assert "git_commit" in info
+    assert not list(tmp_path.glob("*.json"))  # nothing written outside the run dir
+
+
+def test_summary_table(tmp_path):
+    """The table shows per-layer rows, totals and the by-type breakdown of MobileNet Table 2."""
+    res = run("repro-summary", "model=resnet18", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    text = res.stdout
+    assert "conv1" in text and "7x7/2" in text and "64x112x112" in text
+    assert "1,814,073,344 mult-adds" in text and "11,689,512 params" in text
+    assert "by layer type" in text and "conv3x3" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model=resnet34", "model.shortcut=D"], "shortcut='D' is not valid; choose one of ['A', 'B', 'C']"),
+        (["model=mobilenet_v1", "model.width_mult=0"], "width_mult=0.0 is not valid"),
+        (["model=resnet18", "format=xml"], "format='xml' is not valid; choose one of ['table', 'json']"),
+        (["model=resnet18", "model.resolution=0"], "model.resolution=0 is not valid"),
+        (["model=resnet19"], "Could not find 'model/resnet19'"),
+    ],
+)
+def test_summary_bad_input_clear_message(tmp_path, args, message):
+    """Bad values stop repro-summary with a message naming the problem, no traceback."""
+    res = run("repro-summary", *args, cwd=tmp_path)
+    assert res.returncode != 0
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("app", ["repro-train", "repro-eval", "repro-tables"])
+def test_placeholder_apps_refuse_to_pretend(tmp_path, app):
+    """Commands whose issue has not landed say so and exit non-zero."""
+    res = run(app, cwd=tmp_path)
+    assert res.returncode == 2
+    assert "not implemented yet" in res.stderr
+
+
+def test_module_entry_point(tmp_path):
+    """`python -m repro.summary` works like the console script."""
+    res = run(sys.executable, "-m", "repro.summary", "model=resnet20", "format=json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["params"] == 269_722
+
+
+def test_readme_zoo_table_is_current():
+    """The README's zoo table is exactly what scripts/zoo_table.py computes from the models."""
+    import runpy
+
+    zoo_table = runpy.run_path(str(ROOT / "scripts" / "zoo_table.py"))["zoo_table"]
+    readme = (ROOT / "README.md").read_text()
+    assert zoo_table() in readme, "README zoo table is stale: run `python scripts/zoo_table.py` and paste it"
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run calls the README's second quickstart command, verbatim."""
+    readme = (ROOT / "README.md").read_text()
+    commands = [block.split("```")[0].strip() for block in readme.split("```bash\n")[1:3]]
+    assert commands[0].startswith("pip install -e . && repro-")
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()

@@ -23,6 +23,15 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 # --------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Run this module single-threaded: on tiny inputs oneDNN's threads only add (large, noisy) overhead."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BN random affine/statistics and nudge every conv/linear, so equality tests bite."""
     g = torch.Generator().manual_seed(seed)
@@ -124,24 +133,28 @@ def tv_resnet50_state():
 
 
 def test_torchvision_refuses_stride_in_1x1(tv_resnet50_state):
-    """torchvision weights into resnet50 with the default stride_in_1x1=True are refused, naming the option."""
+    """torchvision weights into resnet50 with default stride_in_1x1=True are refused, naming the option."""
     with pytest.raises(WeightsError, match="stride_in_1x1=False"):
         load_weights(create_model("resnet50"), tv_resnet50_state, "torchvision")
 
 
+@pytest.fixture(scope="module")
+def tv_resnet34_state():
+    """A torchvision resnet34 state dict."""
+    return torchvision.models.resnet34(weights=None).state_dict()
+
+
 @pytest.mark.parametrize("shortcut", ["A", "C"])
-def test_torchvision_refuses_shortcut(shortcut):
+def test_torchvision_refuses_shortcut(shortcut, tv_resnet34_state):
     """torchvision weights into a ResNet with shortcut A or C are refused, naming shortcut='B'."""
-    state = torchvision.models.resnet34(weights=None).state_dict()
     with pytest.raises(WeightsError, match="shortcut='B'"):
-        load_weights(create_model("resnet34", shortcut=shortcut), state, "torchvision")
+        load_weights(create_model("resnet34", shortcut=shortcut), tv_resnet34_state, "torchvision")
 
 
-def test_torchvision_refuses_plain_net():
+def test_torchvision_refuses_plain_net(tv_resnet34_state):
     """torchvision weights into plain34 are refused: torchvision has no plain nets."""
-    state = torchvision.models.resnet34(weights=None).state_dict()
     with pytest.raises(WeightsError, match="no plain nets"):
-        load_weights(create_model("plain34"), state, "torchvision")
+        load_weights(create_model("plain34"), tv_resnet34_state, "torchvision")
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v1", "resnet20"])
@@ -353,7 +366,8 @@ def _aka_file(depth: int) -> Path:
     """The published akamaster checkpoint for ResNet-`depth`, or skip when shared/ lacks it."""
     found = sorted(AKAMASTER_DIR.glob(f"resnet{depth}-*.th")) if AKAMASTER_DIR.is_dir() else []
     if not found:
-        pytest.skip(f"akamaster resnet{depth} checkpoint not found in {AKAMASTER_DIR} (shared/ beside the checkout)")
+        pytest.skip(f"akamaster resnet{depth} checkpoint not found in {AKAMASTER_DIR} "
+                    "(shared/ beside the checkout)")
     return found[0]
 
 
@@ -388,7 +402,7 @@ def _cifar_images(per_class: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("depth", sorted(AKA_DEPTHS))
 def test_akamaster_logits_equal_reference(depth):
-    """create_model(shortcut_pad='split') + load_weights(akamaster) equals the re-implemented akamaster net."""
+    """resnetN(shortcut_pad='split') + load_weights(akamaster) equals the re-implemented akamaster net."""
     path = _aka_file(depth)
     ref = _aka_reference(depth, path)
     ours = load_weights(create_model(f"resnet{depth}", shortcut_pad="split"), path, "akamaster")
@@ -409,7 +423,7 @@ def test_akamaster_real_images():
 
 
 def test_akamaster_refuses_pad_after():
-    """akamaster weights into resnet20 with the default shortcut_pad='after' are refused, naming shortcut_pad."""
+    """akamaster weights into resnet20 with default shortcut_pad='after' are refused, naming shortcut_pad."""
     path = _aka_file(20)
     with pytest.raises(WeightsError, match="shortcut_pad='split'"):
         load_weights(create_model("resnet20"), path, "akamaster")

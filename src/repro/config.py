@@ -7,7 +7,7 @@ the command-line apps call; YAML files pick their schema with `defaults: [base_<
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -85,6 +85,92 @@ MODEL_SCHEMAS = {
 
 
 @dataclass
+class DataConfig:
+    """Keys every dataset has (`configs/data/`)."""
+
+    name: str = MISSING  # imagenet | folder | cifar10 | cifar100 | synthetic
+    split: str = "val"  # what the evaluator reads
+    num_classes: Any = 1000  # the model's class count follows it (folder: null = one per class folder)
+    batch_size: int = 256  # images per batch per process (ten_crop puts 10 views of each through the net)
+    num_workers: int = 8  # loader processes per GPU process
+    on_error: str = "raise"  # raise | skip: what an unusable image does (skipped ones are counted)
+
+
+@dataclass
+class FolderDataConfig(DataConfig):
+    """ImageNet (class index = sorted 1000 synsets) or any class-folder tree (sorted folder names)."""
+
+    root: Any = None  # holds train/ and val/
+    train_dir: Any = None  # default: <root>/train
+    val_dir: Any = None  # default: <root>/val
+
+
+@dataclass
+class CifarDataConfig(DataConfig):
+    """CIFAR-10/100: torchvision's files or image folders train/<class>/, test/<class>/."""
+
+    root: Any = None
+    split: str = "test"
+    download: bool = False  # fetch torchvision's files into root (needs the network)
+    val_size: int = 5000  # images carved from train for `val` (the paper's 45k/5k)
+    split_seed: int = 0
+    batch_size: int = 128
+    num_workers: int = 2
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    """Random images, for benchmarks and tests."""
+
+    length: int = 256
+    image_size: int = 224
+    num_workers: int = 0
+
+
+DATA_SCHEMAS = {
+    "base_folder": FolderDataConfig,
+    "base_cifar": CifarDataConfig,
+    "base_synthetic": SyntheticDataConfig,
+}
+
+
+@dataclass
+class WeightsConfig:
+    """Which weights to evaluate and how they are stored."""
+
+    path: Any = None  # a checkpoint file
+    format: str = "repro"  # repro | torchvision | akamaster
+
+
+@dataclass
+class EvalOptions:
+    """The test protocols (`repro-eval eval.*`)."""
+
+    protocols: list[str] = field(default_factory=lambda: ["center"])  # center | ten_crop | multi_scale
+    average: str = "softmax"  # softmax (authors' Caffe models) | logits (fb.resnet.torch)
+    resize: Any = "auto"  # shorter side before cropping; auto = resolution / 0.875 (CIFAR: none); null = none
+    crop: Any = "auto"  # auto = the model's resolution (CIFAR: none); null = the whole image
+    scales: list[int] = field(default_factory=lambda: [224, 256, 384, 480, 640])  # multi_scale shorter sides
+    flip: bool = True  # multi_scale: average each scale with its horizontal flip
+    interpolation: str = "bilinear"  # bilinear | bicubic | nearest
+    antialias: bool = True  # torchvision's preset
+    save_predictions: bool = False  # also write predictions.csv
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = False  # bf16 autocast on CUDA
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """`repro-eval`: a checkpoint under the papers' test protocols."""
+
+    model: Any = None  # null: taken from a repro checkpoint
+    data: Any = None  # null: taken from a repro checkpoint
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+
+
+@dataclass
 class SummaryConfig:
     """`repro-summary`: complexity of one model."""
 
@@ -104,5 +190,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for name, node in MODEL_SCHEMAS.items():
         cs.store(group="model", name=name, node=node)
+    for name, node in DATA_SCHEMAS.items():
+        cs.store(group="data", name=name, node=node)
+    cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="summary_schema", node=SummaryConfig)
     cs.store(name="placeholder_schema", node=PlaceholderConfig)

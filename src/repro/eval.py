@@ -1,27 +1,174 @@
-"""`repro-eval`: evaluation under the papers' test protocols.
-
-Not built yet (issue #3); the command refuses to run rather than pretend.
-"""
+"""`repro-eval`: top-1/top-5 error of a checkpoint under the papers' test protocols (center, 10-crop,
+multi-scale), on one CPU/GPU or split across torchrun ranks."""
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import csv
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
 
-from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, run_dir, save_run_info
 from repro.config import register_configs
+from repro.data import (
+    ON_ERROR,
+    DataError,
+    EvalViews,
+    Normalize,
+    Preprocessing,
+    ShardSampler,
+    build_dataset,
+    collate,
+)
+from repro.data.transforms import default_eval_size
+from repro.distributed import (
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    quiet_hydra_on_other_ranks,
+    select_device,
+)
+from repro.engine import AVERAGES, evaluate
+from repro.models import WEIGHT_FORMATS, WeightsError, create_model_from_config, load_weights
+from repro.models.weights import read_weights_file
+
+log = logging.getLogger("repro.eval")
+
+# What a published format's weights compute, applied to the model config (e.g. akamaster's split zero padding).
+FORMAT_MODEL_OVERRIDES = {"akamaster": {"shortcut_pad": "split"}, "torchvision": {"stride_in_1x1": False}}
+PREDICTION_COLUMNS = ["path", "protocol", "label", *(f"pred{i}" for i in range(1, 6)),
+                      *(f"prob{i}" for i in range(1, 6))]
+
+
+def sha256(path: str | Path) -> str:
+    """Hex digest of a file, to tie results to the exact weights."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_inputs(cfg: DictConfig, stored: dict[str, Any]) -> tuple[dict, dict, Preprocessing]:
+    """The model config, data config and preprocessing: from the command line, else from the checkpoint."""
+    fmt = cfg.weights.format
+    saved_cfg = stored.get("config", {}) if fmt == "repro" else {}
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.model is not None else saved_cfg.get("model")
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data is not None else saved_cfg.get("data")
+    if model_cfg is None:
+        fail("no model: give model=NAME (e.g. model=resnet50); only repro checkpoints carry their model config")
+    if data_cfg is None:
+        fail("no dataset: give data=imagenet|cifar10|cifar100|folder|synthetic with its data.root")
+    for key, value in FORMAT_MODEL_OVERRIDES.get(fmt, {}).items():
+        if key in model_cfg and model_cfg[key] != value:
+            log.info("weights.format=%s: using model.%s=%s (the function these weights compute)", fmt, key, value)
+            model_cfg[key] = value
+    if fmt == "repro":
+        if "preprocessing" not in stored:
+            fail(f"{cfg.weights.path} carries no preprocessing (a bare state dict?); evaluate a checkpoint written "
+                 f"by repro-train, or convert it to one with its mean/std")
+        pre = Preprocessing.from_dict(stored["preprocessing"])
+    else:
+        pre = Preprocessing(**{k: tuple(v) for k, v in WEIGHT_FORMATS[fmt]["preprocessing"].items()})
+    return model_cfg, data_cfg, pre
+
+
+def eval_views(cfg: DictConfig, model_cfg: dict, data_cfg: dict) -> EvalViews:
+    """The protocols' views; sizes follow the model's resolution (CIFAR: the image itself) unless given."""
+    cifar = data_cfg["name"].startswith("cifar")
+    auto_resize, auto_crop = (None, None) if cifar else default_eval_size(model_cfg["resolution"])
+    resize = auto_resize if cfg.eval.resize == "auto" else cfg.eval.resize
+    crop = auto_crop if cfg.eval.crop == "auto" else cfg.eval.crop
+    return EvalViews(protocols=list(cfg.eval.protocols), resize=resize, crop=crop, scales=list(cfg.eval.scales),
+                     flip=cfg.eval.flip, interpolation=cfg.eval.interpolation, antialias=cfg.eval.antialias)
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Refuse bad option values before any work starts."""
+    if cfg.weights.path is None:
+        fail("give the weights to evaluate: weights.path=FILE (and weights.format=repro|torchvision|akamaster)")
+    if cfg.weights.format not in WEIGHT_FORMATS:
+        fail(f"weights.format={cfg.weights.format!r} is not valid; choose one of {list(WEIGHT_FORMATS)}")
+    if cfg.eval.average not in AVERAGES:
+        fail(f"eval.average={cfg.eval.average!r} is not valid; choose one of {list(AVERAGES)}")
+    if cfg.data is not None and cfg.data.on_error not in ON_ERROR:
+        fail(f"data.on_error={cfg.data.on_error!r} is not valid; choose one of {list(ON_ERROR)}")
+
+
+def format_metrics(metrics: dict[str, dict[str, Any]]) -> str:
+    """A readable table of the protocols' errors."""
+    lines = [f"{'protocol':<12} {'top-1 err %':>11} {'top-5 err %':>11} {'images':>8} {'skipped':>8}"]
+    for proto, m in metrics.items():
+        lines.append(f"{proto:<12} {m['top1_err']:>11.2f} {m['top5_err']:>11.2f} {m['images']:>8} {m['skipped']:>8}")
+    return "\n".join(lines)
 
 
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_DIR, config_name="eval")
 def _eval(cfg: DictConfig) -> None:
-    """Refuse to run: this command lands with issue #3."""
-    fail("repro-eval is not implemented yet (evaluation under the papers' test protocols lands with issue #3); "
-         "for now use repro-summary for model complexity")
+    """Evaluate the weights, print the table, write metrics.json (and predictions.csv) to the run dir."""
+    check_options(cfg)
+    try:
+        device = select_device(cfg.eval.device)
+        stored = read_weights_file(cfg.weights.path)
+        model_cfg, data_cfg, pre = resolve_inputs(cfg, stored)
+        views = eval_views(cfg, model_cfg, data_cfg)
+        data_cfg_node = OmegaConf.create(data_cfg)
+        dataset = build_dataset(data_cfg_node, data_cfg["split"], views)
+        # The model's class count follows the dataset.
+        model_cfg["num_classes"] = len(dataset.classes)
+        model = load_weights(create_model_from_config(model_cfg), stored, cfg.weights.format)
+    except (ValueError, DataError, WeightsError) as e:
+        fail(str(e))
+    d = init_distributed(device)
+    out = Path(broadcast_object(str(run_dir()), d))
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    normalize = Normalize(pre).to(device)
+    loader = DataLoader(dataset, batch_size=data_cfg["batch_size"], num_workers=data_cfg["num_workers"],
+                        sampler=ShardSampler(len(dataset), d.rank, d.world_size), collate_fn=collate,
+                        pin_memory=device.type == "cuda")
+    if d.is_main:
+        log.info("evaluating %s (%s) on %d images of %s/%s: %s", model_cfg["name"], cfg.weights.path, len(dataset),
+                 data_cfg["name"], data_cfg["split"], ", ".join(views.protocols))
+    try:
+        result = evaluate(model, normalize, loader, device, list(views.protocols), cfg.eval.average,
+                          data_cfg["on_error"], dataset.paths if cfg.eval.save_predictions else None,
+                          amp=cfg.eval.amp, dist=d, progress=cfg.eval.progress)
+    except (DataError, ValueError) as e:
+        fail(str(e))
+    if d.is_main:
+        metrics = result.metrics()
+        resolved = {**OmegaConf.to_container(cfg, resolve=True), "model": model_cfg, "data": data_cfg}
+        weights = {"path": str(Path(cfg.weights.path).resolve()), "format": cfg.weights.format,
+                   "sha256": sha256(cfg.weights.path)}
+        save_run_info(OmegaConf.create(resolved), weights=weights)
+        (out / "metrics.json").write_text(json.dumps({**metrics, "weights": weights, "config": resolved}, indent=2))
+        if cfg.eval.save_predictions:
+            rows = sorted(result.predictions, key=lambda r: (r["protocol"], r["path"]))
+            with open(out / "predictions.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=PREDICTION_COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+        if result.skipped:
+            log.warning("skipped %d unusable images (data.on_error=skip), e.g. %s", len(result.skipped),
+                        result.skipped[0][1])
+        print(format_metrics(metrics))
+        print(f"metrics: {out / 'metrics.json'}")
+    cleanup(d)
 
 
 def main() -> None:
     """Console entry point of `repro-eval`."""
     register_configs()
+    quiet_hydra_on_other_ranks()
     _eval()
 
 

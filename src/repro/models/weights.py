@@ -29,7 +29,7 @@ class WeightsError(ValueError):
     """A weights file or state dict that does not fit the model, or cannot be read safely."""
 
 
-def _read(source: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
+def read_weights_file(source: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
     """Return the object stored at `source` (read with weights_only=True), or `source` itself."""
     if isinstance(source, Mapping):
         return source
@@ -146,7 +146,7 @@ def load_weights(model: nn.Module, source: str | Path | Mapping[str, Any], forma
     """Load `source` (a path or a state dict) of `format` (repro|torchvision|akamaster) into `model`, in place."""
     if format not in WEIGHT_FORMATS:
         raise WeightsError(f"weights.format={format!r} is not valid; choose one of {list(WEIGHT_FORMATS)}")
-    state = _convert(model, _read(source), format)
+    state = _convert(model, read_weights_file(source), format)
     check_state_dict(model, state)
     model.load_state_dict(state, strict=False)  # strict check done above, old files may lack counters
     return model

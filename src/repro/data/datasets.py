@@ -1,0 +1,245 @@
+"""Datasets: ImageNet and any class-folder tree, CIFAR-10/100 (torchvision files or image folders), synthetic.
+
+Every dataset yields `(views, label, index)`; an image that cannot be used yields a `Failed` record instead of
+raising inside a worker, so the main process can stop with a clear message or skip and count it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from repro.data.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image
+
+DATASETS = ("imagenet", "folder", "cifar10", "cifar100", "synthetic")
+CIFAR_SPLITS = ("train", "val", "trainval", "test")
+FOLDER_SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be built as configured; the message says what to change."""
+
+
+@dataclass
+class Failed:
+    """An image the pipeline could not use: which one, and why."""
+
+    index: int
+    path: str
+    message: str
+
+
+def imagenet_synsets() -> list[str]:
+    """The 1000 ImageNet-1k synset ids in sorted order (class index = position), as torchvision's."""
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo().label_names())
+
+
+def scan_folder(root: str | Path, class_names: Sequence[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+    """List `root/<class>/**/<image>`: (paths, labels, classes). With `class_names`, labels index into it."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder {str(root)!r} does not exist; set data.root (or data.train_dir / "
+                        f"data.val_dir) to a folder holding one sub-folder of images per class")
+    if not root.is_dir():
+        raise DataError(f"data folder {str(root)!r} is not a folder")
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not found:
+        raise DataError(f"{str(root)!r} has no class sub-folders; expected {root}/<class>/<image> "
+                        f"(e.g. ImageNet's train/n01440764/*.JPEG)")
+    classes = list(class_names) if class_names is not None else found
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in found if c not in index]
+    if unknown:
+        raise DataError(f"{str(root)!r} has folders that are not classes of this dataset: {unknown[:5]}"
+                        f"{' ...' if len(unknown) > 5 else ''}; ImageNet folders must be synset ids such as "
+                        f"n01440764 (use data=folder for other class names)")
+    paths, labels = [], []
+    for c in found:
+        for dirpath, dirnames, filenames in os.walk(root / c, followlinks=True):
+            dirnames.sort()
+            for f in sorted(filenames):
+                if is_image_file(f):
+                    paths.append(os.path.join(dirpath, f))
+                    labels.append(index[c])
+    if not paths:
+        raise DataError(f"{str(root)!r} has class folders but no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return paths, labels, classes
+
+
+class ImageFiles(Dataset):
+    """Images on disk, decoded in the worker that loads them."""
+
+    def __init__(self, paths: list[str], labels: list[int], classes: list[str],
+                 transform: Callable[..., Any] | None = None) -> None:
+        self.paths, self.labels, self.classes, self.transform = paths, labels, classes, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int] | Failed:
+        path = self.paths[i]
+        try:
+            img = load_image(path)
+            return (_apply(self.transform, img, path), self.labels[i], i)
+        except ImageError as e:
+            return Failed(i, path, str(e))
+
+
+class ImageTensors(Dataset):
+    """Images already decoded in memory as uint8 [N, 3, H, W] (CIFAR)."""
+
+    def __init__(self, images: torch.Tensor, labels: list[int], classes: list[str], names: list[str],
+                 transform: Callable[..., Any] | None = None) -> None:
+        self.images, self.labels, self.classes, self.paths, self.transform = images, labels, classes, names, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int] | Failed:
+        try:
+            return (_apply(self.transform, self.images[i], self.paths[i]), self.labels[i], i)
+        except ImageError as e:
+            return Failed(i, self.paths[i], str(e))
+
+
+class Synthetic(Dataset):
+    """Random uint8 images (the same for a given index), label = index mod num_classes."""
+
+    def __init__(self, length: int, image_size: int, num_classes: int,
+                 transform: Callable[..., Any] | None = None) -> None:
+        self.length, self.size, self.transform = length, image_size, transform
+        self.classes = [str(c) for c in range(num_classes)]
+        self.labels = [i % num_classes for i in range(length)]
+        self.paths = [f"synthetic/{i}" for i in range(length)]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int] | Failed:
+        g = torch.Generator().manual_seed(i)
+        img = torch.randint(0, 256, (3, self.size, self.size), generator=g, dtype=torch.uint8)
+        try:
+            return (_apply(self.transform, img, self.paths[i]), self.labels[i], i)
+        except ImageError as e:
+            return Failed(i, self.paths[i], str(e))
+
+
+def _apply(transform: Callable[..., Any] | None, img: torch.Tensor, path: str) -> Any:
+    """Run a transform; evaluation views also take the path (for their error messages)."""
+    if transform is None:
+        return img
+    return transform(img, path) if getattr(transform, "takes_path", False) else transform(img)
+
+
+def carve_split(labels: Sequence[int], val_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into (train, val) with `val_size` images spread evenly over classes, fixed by `seed`."""
+    if not 0 < val_size < len(labels):
+        raise DataError(f"data.val_size={val_size} must be between 1 and the {len(labels)} training images")
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    classes = sorted(by_class)
+    quota = {c: val_size // len(classes) + (1 if k < val_size % len(classes) else 0) for k, c in enumerate(classes)}
+    val: list[int] = []
+    for c in classes:
+        idx = by_class[c]
+        perm = torch.randperm(len(idx), generator=g).tolist()
+        val += [idx[j] for j in perm[: quota[c]]]
+    val_set = set(val)
+    return [i for i in range(len(labels)) if i not in val_set], sorted(val)
+
+
+def _cifar_arrays(root: Path, name: str, train: bool, download: bool) -> tuple[torch.Tensor, list[int], list[str]]:
+    """torchvision's CIFAR files as uint8 [N, 3, 32, 32] tensors."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    try:
+        ds = cls(str(root), train=train, download=download)
+    except RuntimeError as e:  # not found / corrupt
+        raise DataError(f"{name} files not found in {str(root)!r} ({e}); point data.root at the folder holding "
+                        f"them, or at image folders train/<class>/ and test/<class>/, or set data.download=true"
+                        ) from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return images, list(ds.targets), list(ds.classes)
+
+
+def build_dataset(cfg: Any, split: str, transform: Callable[..., Any] | None = None) -> Dataset:
+    """The dataset `cfg.name` (imagenet|folder|cifar10|cifar100|synthetic) for `split`, with `transform`."""
+    name = cfg.name
+    if name not in DATASETS:
+        raise DataError(f"data={name!r} is not valid; choose one of {list(DATASETS)}")
+    if name == "synthetic":
+        return Synthetic(cfg.length, cfg.image_size, cfg.num_classes, transform)
+    if name in ("imagenet", "folder"):
+        if split not in FOLDER_SPLITS:
+            raise DataError(f"data.split={split!r} is not valid for data={name}; choose one of {list(FOLDER_SPLITS)}")
+        folder = cfg.train_dir if split == "train" else cfg.val_dir
+        if folder is None:
+            if cfg.root is None:
+                raise DataError(f"data={name} needs data.root (holding train/ and val/) or data.{split}_dir")
+            folder = os.path.join(cfg.root, split)
+        classes = imagenet_synsets() if name == "imagenet" else None
+        paths, labels, classes = scan_folder(folder, classes)
+        return ImageFiles(paths, labels, classes, transform)
+    return _build_cifar(cfg, split, transform)
+
+
+def _build_cifar(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Dataset:
+    """CIFAR from torchvision's files or from image folders; val carved from train (45k/5k by default)."""
+    if split not in CIFAR_SPLITS:
+        raise DataError(f"data.split={split!r} is not valid for data={cfg.name}; choose one of {list(CIFAR_SPLITS)}")
+    if cfg.root is None:
+        raise DataError(f"data={cfg.name} needs data.root: torchvision's downloaded files, or image folders "
+                        f"train/<class>/ (and test/<class>/)")
+    root = Path(cfg.root)
+    sub = "test" if split == "test" else "train"
+    if (root / sub).is_dir():  # image folders, e.g. shared/data/cifar10-jpeg
+        paths, labels, classes = scan_folder(root / sub)
+        if len(classes) != cfg.num_classes:
+            raise DataError(f"{root / sub} has {len(classes)} class folders but data={cfg.name} has "
+                            f"{cfg.num_classes} classes")
+        ds: Dataset = ImageFiles(paths, labels, classes, transform)
+    elif split == "test" and (root / "train").is_dir():
+        raise DataError(f"{str(root)!r} has train/ but no test/ images; evaluate on the validation split carved "
+                        f"from train with data.split=val")
+    else:
+        images, labels, classes = _cifar_arrays(root, cfg.name, train=(sub == "train"), download=cfg.download)
+        names = [f"{cfg.name}-{sub}/{i}" for i in range(len(labels))]
+        ds = ImageTensors(images, labels, classes, names, transform)
+    if split in ("train", "val"):
+        train_idx, val_idx = carve_split(ds.labels, cfg.val_size, cfg.split_seed)
+        ds = Subset(ds, train_idx if split == "train" else val_idx)
+    return ds
+
+
+class Subset(Dataset):
+    """A view of some indices of a dataset; items report their index within the subset."""
+
+    def __init__(self, base: Dataset, indices: list[int]) -> None:
+        self.base, self.indices = base, indices
+        self.classes = base.classes
+        self.labels = [base.labels[i] for i in indices]
+        self.paths = [base.paths[i] for i in indices]
+
+    @property
+    def transform(self) -> Callable[..., Any] | None:
+        return self.base.transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int] | Failed:
+        item = self.base[self.indices[i]]
+        if isinstance(item, Failed):
+            return Failed(i, item.path, item.message)
+        return (item[0], item[1], i)

@@ -1,0 +1,101 @@
+"""torchrun support: one process per device, rank 0 speaks and writes, the others compute."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether several processes take part."""
+        return self.world_size > 1
+
+
+def launched_rank() -> int:
+    """The RANK torchrun gave this process (0 when not under torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def quiet_hydra_on_other_ranks() -> None:
+    """Under torchrun, let only rank 0 create the Hydra run dir: the others get a throwaway one, no logs.
+
+    Call before the Hydra app starts; the real run dir reaches every rank with `broadcast_object`.
+    """
+    rank = launched_rank()
+    if rank != 0:
+        scratch = tempfile.mkdtemp(prefix=f"repro-rank{rank}-")
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                     f"hydra.run.dir={scratch}"]
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def broadcast_object(obj: Any, d: Dist) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any, d: Dist) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum a tensor over ranks (in place) and return it."""
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def cleanup(d: Dist) -> None:
+    """Leave the process group."""
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def select_device(kind: str, local_rank: int = 0) -> torch.device:
+    """auto: CUDA when available, else CPU; under torchrun each process takes GPU LOCAL_RANK."""
+    if kind not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={kind!r} is not valid; choose one of ['auto', 'cpu', 'cuda']")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA GPU is visible; use device=cpu (or auto)")
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", local_rank)))

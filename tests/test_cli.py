@@ -114,7 +114,7 @@ def test_summary_bad_input_clear_message(tmp_path, args, message):
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("app", ["repro-train", "repro-tables"])
+@pytest.mark.parametrize("app", ["repro-tables"])
 def test_placeholder_apps_refuse_to_pretend(tmp_path, app):
     """Commands whose issue has not landed say so and exit non-zero."""
     res = run(app, cwd=tmp_path)

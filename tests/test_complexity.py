@@ -72,8 +72,8 @@ GOLDEN = {
     ("mobilenet_table7", "1.0 MobileNet-192"): (418_121_728, 4_231_976),
     ("mobilenet_table7", "1.0 MobileNet-160"): (290_675_200, 4_231_976),
     ("mobilenet_table7", "1.0 MobileNet-128"): (186_400_768, 4_231_976),
-    ("mobilenet_table8", "0.50 MobileNet-160"): (76_524_800, 1_331_592),
-    ("mobilenet_table9", "1.0 MobileNet-224"): (568_740_352, 4_231_976),
+    ("mobilenet_table8", "1.0 MobileNet-224"): (568_740_352, 4_231_976),
+    ("mobilenet_table9", "0.50 MobileNet-160"): (76_524_800, 1_331_592),
     ("mobilenetv2_table4", "MobileNetV2"): (300_774_272, 3_504_872),
     ("mobilenetv2_table4", "MobileNetV2 (1.4)"): (582_195_824, 6_108_776),
 }

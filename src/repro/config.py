@@ -127,11 +127,127 @@ class SyntheticDataConfig(DataConfig):
     num_workers: int = 0
 
 
+@dataclass
+class DigitsDataConfig(DataConfig):
+    """scikit-learn's bundled handwritten digits (1797 real 8x8 scans), upscaled: trains anywhere, offline."""
+
+    split: str = "test"
+    image_size: int = 32  # upscaled from 8x8
+    test_size: int = 360  # held out for test (and val) with a fixed seed
+    split_seed: int = 0
+    num_classes: Any = 10
+    batch_size: int = 64
+    num_workers: int = 0
+
+
 DATA_SCHEMAS = {
     "base_folder": FolderDataConfig,
     "base_cifar": CifarDataConfig,
     "base_synthetic": SyntheticDataConfig,
+    "base_digits": DigitsDataConfig,
 }
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer of a recipe."""
+
+    name: str = "sgd"  # sgd | rmsprop_tf (TF's RMSProp: epsilon inside the root, timm's RMSpropTF)
+    lr: float = 0.1  # at recipe.batch_size; scaled linearly with the global batch when recipe.scale_lr
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    no_decay_depthwise: bool = False  # no weight decay on depthwise filters (MobileNet)
+    no_decay_bn_bias: bool = False  # no weight decay on BN scales/shifts and biases
+    alpha: float = 0.9  # rmsprop_tf: decay of the squared-gradient average
+    eps: float = 1.0  # rmsprop_tf: epsilon (inside the square root), slim's default 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning-rate schedule, in the recipe's own length units (`recipe.length_unit`).
+
+    A shortened run (trainer.max_epochs / trainer.max_steps) stretches milestones and decay steps in proportion.
+    """
+
+    name: str = "multistep"  # multistep | exponential | plateau | constant
+    milestones: list[float] = field(default_factory=list)  # multistep: where lr is multiplied by gamma
+    gamma: float = 0.1  # multistep / plateau factor; exponential: factor per `every`
+    every: float = 1.0  # exponential: decay step (staircase)
+    patience: int = 5  # plateau: evaluations without improvement of the validation error before decaying
+    min_lr: float = 0.0
+    warmup_lr: float = 0.0  # >0: start at this lr ...
+    warmup_until_train_err: float = 0.0  # ... until the running training error (%) falls below this
+    warmup_max_steps: int = 0  # ... or this many steps have passed (ResNet-110: 0.01 until < 80%, ~400 it)
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation (uint8, in the loader) and device-side color augmentation."""
+
+    train: str = "pad_crop"  # pad_crop (CIFAR) | scale_aug (ResNet §3.4) | inception | mobilenet | none
+    crop: Any = "auto"  # training crop side: auto = the model's resolution
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # inception/mobilenet: crop area fraction
+    min_size: int = 256  # scale_aug: shorter side range
+    max_size: int = 480
+    pad: int = 4  # pad_crop
+    flip: bool = True
+    lighting: float = 0.0  # AlexNet PCA lighting std (ResNet: 0.1)
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # pixels in [0, 1]
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    per_pixel_mean: bool = False  # subtract the training split's mean image (ResNet CIFAR), no std
+
+
+@dataclass
+class RecipeConfig:
+    """A paper's training recipe: optimizer + schedule + augmentation + length + batch."""
+
+    name: str = MISSING
+    batch_size: int = 256  # global batch the lr is quoted for
+    scale_lr: bool = True  # lr x global_batch / batch_size
+    length: float = 90  # run length in length_unit
+    length_unit: str = "epochs"  # epochs | steps
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # >0: keep an exponential moving average of the weights, evaluated too
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class TrainerConfig:
+    """How a run executes (`configs/trainer/`): device, precision, length overrides, logging, checkpoints."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    max_epochs: Any = None  # shorten (or lengthen) the recipe to this many epochs
+    max_steps: Any = None  # ... or to this many optimizer steps (wins over max_epochs)
+    grad_accum: int = 1  # micro-batches per optimizer step (keeps the paper's batch on fewer GPUs)
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the model
+    cudnn_benchmark: bool = True
+    sync_bn: bool = False  # SyncBatchNorm across ranks
+    eval_every: int = 1  # validate every N epochs (and at the end)
+    checkpoint_every: int = 500  # write checkpoints/last.pt every N optimizer steps (and at the end)
+    log_every: int = 20  # TensorBoard train scalars every N steps
+    progress: bool = True  # progress bars with throughput
+
+
+@dataclass
+class TrainConfig:
+    """`repro-train`: model + data + recipe + trainer."""
+
+    model: Any = MISSING
+    data: Any = MISSING
+    recipe: RecipeConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    name: str = MISSING  # the run dir's name under outputs/train/ (default: a timestamp)
+    seed: int = 0
+    resume: str = "never"  # never | auto (continue this run dir from checkpoints/last.pt, if any)
+    train_split: str = "train"
+    val_split: str = "val"  # the split validated during training
+    test_split: Any = None  # also evaluated at the end (e.g. CIFAR test); null = none
+    final_protocols: list[str] = field(default_factory=lambda: ["center"])  # protocols of the final evaluation
 
 
 @dataclass
@@ -193,5 +309,8 @@ def register_configs() -> None:
     for name, node in DATA_SCHEMAS.items():
         cs.store(group="data", name=name, node=node)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(group="recipe", name="base_recipe", node=RecipeConfig)
+    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+    cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="summary_schema", node=SummaryConfig)
     cs.store(name="placeholder_schema", node=PlaceholderConfig)

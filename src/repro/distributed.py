@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -37,14 +39,19 @@ def launched_rank() -> int:
 
 
 def quiet_hydra_on_other_ranks() -> None:
-    """Under torchrun, let only rank 0 create the Hydra run dir: the others get a throwaway one, no logs.
+    """Under torchrun, let only rank 0 create the Hydra run dir: the others get a throwaway one, removed at exit.
 
+    Their job log keeps only the console handler at WARNING (no log file, no duplicated INFO lines).
+    (Not `hydra/job_logging=disabled`: configs/hydra/default.yaml sets the console handler's stream, and on
+    top of the handler-less `disabled` config that leaves a handler without a class, which Hydra rejects.)
     Call before the Hydra app starts; the real run dir reaches every rank with `broadcast_object`.
     """
     rank = launched_rank()
     if rank != 0:
         scratch = tempfile.mkdtemp(prefix=f"repro-rank{rank}-")
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        sys.argv += ["hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING",
+                     "hydra.job_logging.root.handlers=[console]", "hydra/hydra_logging=disabled",
                      f"hydra.run.dir={scratch}"]
 
 

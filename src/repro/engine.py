@@ -150,14 +150,19 @@ def evaluate(
                 ranks = class_ranks(scores, labels)
                 result.tallies[proto].add(ranks)
                 if paths is not None:
-                    _keep_rows(result, proto, batch["indices"], labels, probs, paths)
+                    _keep_rows(result, proto, batch["indices"], labels, scores, probs, paths)
     return _combine(result, dist)
 
 
 def _keep_rows(result: EvalResult, proto: str, indices: torch.Tensor, labels: torch.Tensor,
-               probs: torch.Tensor, paths: list[str]) -> None:
-    """Append predictions.csv rows (path, protocol, label, pred1..5, prob1..5) for a batch."""
-    pred, prob = top_predictions(probs.cpu())
+               scores: torch.Tensor, probs: torch.Tensor, paths: list[str]) -> None:
+    """Append predictions.csv rows (path, protocol, label, pred1..5, prob1..5) for a batch.
+
+    The predictions are ranked by the same scores the errors are counted on (with average=logits, the
+    softmax of the mean logits can tie classes whose logits differ, which would reorder them).
+    """
+    pred, _ = top_predictions(scores.cpu())
+    prob = probs.cpu().gather(1, pred)
     for i, y, p, q in zip(indices.tolist(), labels.tolist(), pred.tolist(), prob.tolist()):
         row: dict[str, Any] = {"path": paths[i], "protocol": proto, "label": y}
         row.update({f"pred{j + 1}": p[j] if j < len(p) else "" for j in range(5)})

@@ -1,27 +1,556 @@
-"""`repro-train`: training.
+"""`repro-train`: train a model with a paper's recipe, on CPU, one GPU, or many under torchrun.
 
-Not built yet (issue #4); the command refuses to run rather than pretend.
+One loop: `train_one_epoch` (device-side augmentation, AMP, accumulation, checkpoints) and `evaluate`
+(repro.engine). Everything a run writes goes under its run dir `outputs/train/<name>/`.
 """
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, git_commit, run_dir, save_run_info
 from repro.config import register_configs
+from repro.data import DataError, EvalViews, Normalize, Preprocessing, ShardSampler, build_dataset, collate
+from repro.data.datasets import ImageTensors, Subset
+from repro.data.loaders import BatchPadCrop, EpochSampler, SeededSamples, TensorBatches, sample_seed
+from repro.data.transforms import PROTOCOLS, PadCrop, RandomResizedCrop, ScaleAugCrop, default_eval_size
+from repro.distributed import (
+    Dist,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    quiet_hydra_on_other_ranks,
+    select_device,
+)
+from repro.engine import evaluate
+from repro.models import create_model_from_config
+from repro.optim import LRSchedule, build_optimizer
+
+log = logging.getLogger("repro.train")
+AUGMENTS = ("pad_crop", "scale_aug", "inception", "mobilenet", "none")
+AMP = ("auto", "bf16", "fp16", "off")
+IN_MEMORY = ("cifar10", "cifar100", "digits")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or Inf."""
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrainData:
+    """What the loop reads: the training batches, how to finish them on the device, the evaluation sets."""
+
+    loader: Any  # yields {"views": uint8 batch, "labels", ...}; has .sampler (EpochSampler)
+    batch_aug: nn.Module | None  # device-side augmentation of in-memory data (CIFAR pad/crop/flip)
+    preprocessing: Preprocessing
+    val: Any  # a dataset of eval views
+    test: Any | None
+    classes: list[str]
+    eval_size: tuple[int | None, int | None]  # (resize, crop) of the test views
+
+
+def _tensors(cfg: DictConfig, split: str) -> ImageTensors:
+    """An in-memory split: digits, CIFAR arrays, or CIFAR image folders decoded once."""
+    ds = build_dataset(cfg.data, split)
+    base = ds.base if isinstance(ds, Subset) else ds
+    if isinstance(base, ImageTensors):
+        idx = torch.tensor(ds.indices) if isinstance(ds, Subset) else torch.arange(len(ds))
+        return ImageTensors(base.images[idx], list(ds.labels), ds.classes, list(ds.paths))
+    # Image folders (e.g. CIFAR as JPEGs): decode every image once, in parallel workers.
+    loader = DataLoader(ds, batch_size=512, num_workers=cfg.data.num_workers, collate_fn=collate)
+    chunks, labels, paths = [], [], []
+    for batch in tqdm(loader, desc=f"decoding {split}", unit="batch", disable=not cfg.trainer.progress):
+        for f in batch["failed"]:
+            if cfg.data.on_error == "raise":
+                raise DataError(f.message)
+        chunks.append(batch["views"])
+        labels += batch["labels"].tolist()
+        paths += [ds.paths[i] for i in batch["indices"].tolist()]
+    return ImageTensors(torch.cat(chunks), labels, ds.classes, paths)
+
+
+def _file_transform(aug: Any, crop: int) -> Any:
+    """Per-sample uint8 training transform for images read from files."""
+    if aug.train == "scale_aug":
+        return ScaleAugCrop(crop, aug.min_size, aug.max_size, aug.flip)
+    if aug.train in ("inception", "mobilenet"):
+        return RandomResizedCrop(crop, tuple(aug.scale), flip=aug.flip)
+    if aug.train == "pad_crop":
+        return PadCrop(crop, aug.pad, aug.flip)
+    raise ValueError("recipe.augment.train=none needs an in-memory dataset (cifar10, cifar100, digits)")
+
+
+def build_data(cfg: DictConfig, resolution: int, d: Dist, device: torch.device) -> TrainData:
+    """Training loader, device augmentation, preprocessing and evaluation sets for this run."""
+    aug = cfg.recipe.augment
+    crop = resolution if aug.crop == "auto" else aug.crop
+    batch = cfg.data.batch_size
+    small = cfg.data.name in IN_MEMORY
+    resize, eval_crop = (None, None) if small else default_eval_size(resolution)
+    views = EvalViews(["center"], resize=resize, crop=eval_crop)
+    mean_image = None
+    if small:
+        train = _tensors(cfg, cfg.train_split)
+        if aug.per_pixel_mean:  # ResNet §4.2: the training split's mean image, kept with the run
+            mean_image = train.images.float().mean(0) / 255.0
+        sampler = EpochSampler(len(train.labels), batch, cfg.seed, d.rank, d.world_size)
+        loader: Any = TensorBatches(train.images, train.labels, sampler)
+        batch_aug = BatchPadCrop(crop, aug.pad, aug.flip).to(device) if aug.train == "pad_crop" else None
+        if aug.train not in ("pad_crop", "none"):
+            raise ValueError(f"recipe.augment.train={aug.train} is for image files; use pad_crop or none with "
+                             f"data={cfg.data.name}")
+        classes = train.classes
+        val = _tensors(cfg, cfg.val_split)
+        val.transform = views
+        test = None
+        if cfg.test_split:
+            test = _tensors(cfg, cfg.test_split)
+            test.transform = views
+    else:
+        if aug.per_pixel_mean:
+            raise ValueError("recipe.augment.per_pixel_mean needs an in-memory dataset (CIFAR); use mean/std")
+        base = build_dataset(cfg.data, cfg.train_split, _file_transform(aug, crop))
+        sampler = EpochSampler(len(base), batch, cfg.seed, d.rank, d.world_size)
+        workers = cfg.data.num_workers
+        loader = DataLoader(SeededSamples(base, cfg.seed), batch_size=batch, sampler=sampler, collate_fn=collate,
+                            num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
+                            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        batch_aug, classes = None, base.classes
+        val = build_dataset(cfg.data, cfg.val_split, views)
+        test = build_dataset(cfg.data, cfg.test_split, views) if cfg.test_split else None
+    pre = Preprocessing(tuple(aug.mean), tuple(aug.std), mean_image)
+    return TrainData(loader, batch_aug, pre, val, test, classes, (resize, eval_crop))
+
+
+# ----------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class Progress:
+    """Where the run is: optimizer steps done, epoch, micro-batches done in that epoch, best val error."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    best_err: float = math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """Everything the loop touches."""
+
+    cfg: DictConfig
+    model: nn.Module  # possibly DDP/compiled
+    raw: nn.Module  # the plain model (state dicts, evaluation)
+    ema: Any
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scaler: torch.amp.GradScaler
+    normalize: Normalize
+    criterion: nn.Module
+    data: TrainData
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    total_steps: int
+    steps_per_epoch: int
+    dist: Dist
+    out: Path
+    progress: Progress
+    writer: Any = None
+    stop_signal: str | None = None
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, torch CPU and CUDA generator states."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint(run: Run) -> dict[str, Any]:
+    """The checkpoint dict: weights (`model`), the state to resume, and what evaluation needs."""
+    cfg = OmegaConf.to_container(run.cfg, resolve=True)
+    p = run.progress
+    return {
+        "model": run.raw.state_dict(),
+        "ema": run.ema.module.state_dict() if run.ema is not None else None,
+        "optimizer": run.optimizer.state_dict(),
+        "schedule": run.schedule.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": rng_state(),
+        "progress": {"step": p.step, "epoch": p.epoch, "batch": p.batch, "best_err": p.best_err,
+                     "history": p.history},
+        "config": {"model": cfg["model"], "data": cfg["data"], "recipe": cfg["recipe"], "seed": cfg["seed"]},
+        "preprocessing": run.data.preprocessing.to_dict(),
+        "git_commit": git_commit(),
+    }
+
+
+def save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save(run: Run, name: str) -> None:
+    """Write checkpoints/<name>.pt from rank 0."""
+    if run.dist.is_main:
+        save_atomic(checkpoint(run), run.out / "checkpoints" / f"{name}.pt")
+
+
+def resume(run: Run) -> bool:
+    """Load checkpoints/last.pt of this run dir into the run; False when there is none."""
+    path = run.out / "checkpoints" / "last.pt"
+    if not path.is_file():
+        return False
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if ck["config"]["model"]["name"] != run.cfg.model.name:
+        raise ValueError(f"{path} holds a {ck['config']['model']['name']} run but model={run.cfg.model.name}; "
+                         f"resume with the same config or pick a new name=")
+    run.raw.load_state_dict(ck["model"])
+    if run.ema is not None and ck["ema"] is not None:
+        run.ema.module.load_state_dict(ck["ema"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    run.schedule.load_state_dict(ck["schedule"])
+    run.scaler.load_state_dict(ck["scaler"])
+    set_rng_state(ck["rng"])
+    p = ck["progress"]
+    run.progress = Progress(p["step"], p["epoch"], p["batch"], p["best_err"], p["history"])
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+def train_one_epoch(run: Run) -> None:
+    """Train from the current position to the end of the epoch (or of the run, or a stop signal)."""
+    p, cfg, dev = run.progress, run.cfg, run.device
+    accum = cfg.trainer.grad_accum
+    run.model.train()
+    run.normalize.train()
+    run.data.loader.sampler.set_epoch(p.epoch, p.batch)
+    loss_sum = torch.zeros((), device=dev)
+    wrong = torch.zeros((), device=dev)
+    seen, micro, t0 = 0, 0, time.perf_counter()
+    bar = tqdm(total=run.steps_per_epoch, initial=p.batch // accum, desc=f"epoch {p.epoch}", unit="step",
+               disable=not (cfg.trainer.progress and run.dist.is_main), dynamic_ncols=True)
+    for batch in run.data.loader:
+        items = batch["views"]
+        if batch["failed"] and cfg.data.on_error == "raise":
+            raise DataError(batch["failed"][0].message)
+        # Move the uint8 batch to the device; augment there when the loader left it to us.
+        x = items.to(dev, non_blocking=True)
+        y = batch["labels"].to(dev, non_blocking=True)
+        if run.data.batch_aug is not None:
+            x = run.data.batch_aug(x, sample_seed(cfg.seed, p.epoch, p.batch))
+        # Normalize (and PCA-light) on the device, in channels_last on CUDA.
+        x = run.normalize(x)
+        if dev.type == "cuda" and cfg.trainer.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # Forward and loss under autocast (a no-op when AMP is off); DDP syncs only on the last micro-batch.
+        last_micro = (p.batch + 1) % accum == 0
+        sync = run.model.no_sync() if (run.dist.enabled and not last_micro) else _null()
+        with sync:
+            with torch.autocast(dev.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+                logits = run.model(x)
+                loss = run.criterion(logits.float(), y)
+            run.scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach()
+        wrong += (logits.detach().argmax(1) != y).sum()
+        seen += y.numel()
+        micro += 1
+        p.batch += 1
+        if not last_micro:
+            continue
+        # Optimizer step at the schedule's lr, then the weight average.
+        lr = run.schedule.apply(run.optimizer, p.step)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update(run.raw, step=p.step)
+        p.step += 1
+        bar.update(1)
+        # Check the loss before anything is saved (every step on CPU), log, and apply the warm-up rule.
+        at_log = p.step % cfg.trainer.log_every == 0 or p.step >= run.total_steps
+        at_save = p.step % cfg.trainer.checkpoint_every == 0 or run.stop_signal is not None
+        if at_log or at_save or dev.type == "cpu":
+            mean_loss = float(loss_sum) / max(1, micro)
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLoss(f"the training loss is {mean_loss} at step {p.step} (lr {lr:g}); stopping. The "
+                                    f"last good checkpoint is kept at {run.out / 'checkpoints' / 'last.pt'}; lower "
+                                    f"the lr or check the data")
+            if at_log:
+                err = 100.0 * float(wrong) / max(1, seen)
+                rate = seen * run.dist.world_size / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", err=f"{err:.1f}%", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+                if run.schedule.observe_train(p.step, err):
+                    log.info("warm-up over at step %d (training error %.1f%%)", p.step, err)
+                if run.writer is not None:
+                    run.writer.add_scalar("train/loss", mean_loss, p.step)
+                    run.writer.add_scalar("train/err", err, p.step)
+                    run.writer.add_scalar("train/lr", lr, p.step)
+                    run.writer.add_scalar("train/images_per_s", rate, p.step)
+                loss_sum.zero_()
+                wrong.zero_()
+                seen, micro, t0 = 0, 0, time.perf_counter()
+        if p.step % cfg.trainer.checkpoint_every == 0:
+            save(run, "last")
+        if run.stop_signal or p.step >= run.total_steps:
+            break
+    bar.close()
+    if p.batch >= run.data.loader.sampler.batches:  # the epoch is complete
+        p.epoch, p.batch = p.epoch + 1, 0
+
+
+class _null:
+    """A context manager that does nothing."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _set_transform(ds: Any, transform: Any) -> None:
+    """Give a dataset (or the dataset under a Subset) new per-image views."""
+    (ds.base if isinstance(ds, Subset) else ds).transform = transform
+
+
+def validate(run: Run, split: str = "val", protocols: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Top-1/top-5 error of the model (and of its weight average) on a held-out split, center view by default."""
+    ds = run.data.val if split == "val" else run.data.test
+    protocols = protocols or ["center"]
+    resize, crop = run.data.eval_size
+    _set_transform(ds, EvalViews(protocols, resize=resize, crop=crop))
+    loader = DataLoader(ds, batch_size=run.cfg.data.batch_size, num_workers=0 if isinstance(ds, ImageTensors)
+                        else run.cfg.data.num_workers, sampler=ShardSampler(len(ds), run.dist.rank,
+                        run.dist.world_size), collate_fn=collate, pin_memory=run.device.type == "cuda")
+    on_error = run.cfg.data.on_error
+    out = evaluate(run.raw, run.normalize, loader, run.device, protocols, on_error=on_error,
+                   amp=run.amp_dtype is not None, dist=run.dist, progress=False).metrics()
+    if run.ema is not None:  # the released MobileNetV2 recipe reports the averaged weights
+        ema = evaluate(run.ema.module, run.normalize, loader, run.device, protocols, on_error=on_error,
+                       amp=run.amp_dtype is not None, dist=run.dist, progress=False).metrics()
+        out = {**ema, **{f"{p}_noema": m for p, m in out.items()}}
+    return out
+
+
+def after_epoch(run: Run) -> None:
+    """Validate, feed the plateau schedule, log, and keep last.pt / best.pt."""
+    p = run.progress
+    metrics = validate(run)
+    err = metrics["center"]["top1_err"]
+    run.schedule.observe_val(err)
+    record = {"epoch": p.epoch, "step": p.step, "lr": run.schedule.lr(p.step), "val": metrics}
+    p.history.append(record)
+    if run.dist.is_main:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if run.writer is not None:
+            run.writer.add_scalar("val/top1_err", err, p.step)
+            run.writer.add_scalar("val/top5_err", metrics["center"]["top5_err"], p.step)
+        log.info("epoch %d step %d: val top-1 err %.2f%%, top-5 err %.2f%%", p.epoch, p.step, err,
+                 metrics["center"]["top5_err"])
+    if err < p.best_err:
+        p.best_err = err
+        save(run, "best")
+    save(run, "last")
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse bad option values before any work starts."""
+    choices = {"recipe.augment.train": (cfg.recipe.augment.train, AUGMENTS), "trainer.amp": (cfg.trainer.amp, AMP),
+               "resume": (cfg.resume, ("never", "auto")), "data.on_error": (cfg.data.on_error, ("raise", "skip")),
+               "recipe.length_unit": (cfg.recipe.length_unit, ("epochs", "steps")),
+               "trainer.device": (cfg.trainer.device, ("auto", "cpu", "cuda"))}
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            fail(f"{key}={value!r} is not valid; choose one of {list(valid)}")
+    positive = {"data.batch_size": cfg.data.batch_size, "trainer.grad_accum": cfg.trainer.grad_accum,
+                "trainer.checkpoint_every": cfg.trainer.checkpoint_every, "trainer.log_every": cfg.trainer.log_every,
+                "trainer.max_steps": cfg.trainer.max_steps, "trainer.max_epochs": cfg.trainer.max_epochs,
+                "recipe.optimizer.lr": cfg.recipe.optimizer.lr}
+    for key, value in positive.items():
+        if value is not None and not value > 0:
+            fail(f"{key}={value} is not valid; it must be > 0")
+    bad = [p for p in cfg.final_protocols if p not in PROTOCOLS]
+    if bad:
+        fail(f"final_protocols {bad} not valid; choose from {list(PROTOCOLS)}")
+    if cfg.data.name in IN_MEMORY and set(cfg.final_protocols) - {"center"}:
+        fail(f"data={cfg.data.name} is evaluated on the image itself: final_protocols=[center] only")
+    try:  # the model's arguments, checked without allocating its weights
+        with torch.device("meta"):
+            create_model_from_config(OmegaConf.to_container(cfg.model, resolve=True))
+    except ValueError as e:
+        fail(str(e))
+
+
+def amp_dtype(kind: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = full precision)."""
+    if kind == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[kind]
+
+
+def setup(cfg: DictConfig, d: Dist, device: torch.device, out: Path) -> Run:
+    """Data, model, optimizer, schedule and logging for a run."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    data = build_data(cfg, model_cfg["resolution"], d, device)
+    # The model's class count follows the dataset.
+    model_cfg["num_classes"] = len(data.classes)
+    cfg.model.num_classes = len(data.classes)
+    raw = create_model_from_config(model_cfg).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
+        if cfg.trainer.channels_last:
+            raw = raw.to(memory_format=torch.channels_last)
+    model: nn.Module = raw
+    if d.enabled:
+        if cfg.trainer.sync_bn:
+            raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+        model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.trainer.compile:
+        model = torch.compile(model)
+    recipe = cfg.recipe
+    global_batch = cfg.data.batch_size * d.world_size * cfg.trainer.grad_accum
+    lr = recipe.optimizer.lr * (global_batch / recipe.batch_size if recipe.scale_lr else 1.0)
+    optimizer = build_optimizer(raw, recipe.optimizer, lr)
+    spe = data.loader.sampler.batches // cfg.trainer.grad_accum
+    if spe == 0:
+        raise ValueError(f"trainer.grad_accum={cfg.trainer.grad_accum} exceeds the {data.loader.sampler.batches} "
+                         f"batches of an epoch")
+    if cfg.trainer.max_steps:
+        total = int(cfg.trainer.max_steps)
+    elif cfg.trainer.max_epochs:
+        total = int(cfg.trainer.max_epochs) * spe
+    else:
+        total = int(recipe.length) if recipe.length_unit == "steps" else round(recipe.length * spe)
+    schedule = LRSchedule(recipe.schedule, lr, total, recipe.length)
+    ema = None
+    if recipe.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(raw, decay=recipe.ema_decay)
+    dtype = amp_dtype(cfg.trainer.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    normalize = Normalize(data.preprocessing, lighting_std=recipe.augment.lighting).to(device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    writer = None
+    if d.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+        log.info("%s on %s/%s: %d images, %d steps (%d per epoch, global batch %d, lr %g), device %s x%d",
+                 model_cfg["name"], cfg.data.name, cfg.train_split, data.loader.sampler.length, total, spe,
+                 global_batch, lr, device, d.world_size)
+    return Run(cfg, model, raw, ema, optimizer, schedule, scaler, normalize, criterion, data, device, dtype, total,
+               spe, d, out, Progress(), writer)
+
+
+def final_metrics(run: Run) -> dict[str, Any]:
+    """metrics.json: per-protocol errors on the test split (or val), with the split and the config."""
+    split = "test" if run.data.test is not None else "val"
+    metrics = validate(run, split, list(run.cfg.final_protocols))
+    return {**metrics, "split": run.cfg.test_split or run.cfg.val_split, "best_val_top1_err": run.progress.best_err,
+            "steps": run.progress.step, "config": OmegaConf.to_container(run.cfg, resolve=True)}
+
+
+def fit(run: Run) -> None:
+    """Epochs until the run's length; evaluation after each `eval_every` epochs and at the end."""
+    cfg = run.cfg
+    while run.progress.step < run.total_steps:
+        train_one_epoch(run)
+        if run.stop_signal:
+            save(run, "last")
+            log.warning("%s received: checkpoint written at step %d; continue with resume=auto name=%s",
+                        run.stop_signal, run.progress.step, cfg.name)
+            return
+        epoch_done = run.progress.batch == 0
+        if (epoch_done and run.progress.epoch % cfg.trainer.eval_every == 0) or run.progress.step >= run.total_steps:
+            after_epoch(run)
+    metrics = final_metrics(run)
+    if run.dist.is_main:
+        (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        top = metrics["center"]
+        print(f"{cfg.model.name} on {cfg.data.name}/{metrics['split']}: top-1 err {top['top1_err']:.2f}%, "
+              f"top-5 err {top['top5_err']:.2f}% ({top['images']} images); run dir {run.out}")
 
 
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_DIR, config_name="train")
 def _train(cfg: DictConfig) -> None:
-    """Refuse to run: this command lands with issue #4."""
-    fail("repro-train is not implemented yet (training lands with issue #4); "
-         "for now use repro-summary for model complexity")
+    """Set up (failing fast on bad config), resume if asked, train, evaluate, write metrics.json."""
+    check_config(cfg)
+    try:
+        device = select_device(cfg.trainer.device)
+        d = init_distributed(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        out = Path(broadcast_object(str(run_dir()), d))
+        run = setup(cfg, d, device, out)
+    except (ValueError, DataError) as e:
+        fail(str(e))
+    if cfg.resume == "auto" and resume(run):
+        log.info("resumed %s at step %d (epoch %d, batch %d)", out, run.progress.step, run.progress.epoch,
+                 run.progress.batch)
+    if d.is_main:
+        save_run_info(cfg)
+
+    def on_signal(signum: int, frame: object) -> None:
+        run.stop_signal = signal.Signals(signum).name
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, on_signal)
+    try:
+        fit(run)
+    except (NonFiniteLoss, DataError) as e:
+        fail(str(e))
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+    cleanup(d)
 
 
 def main() -> None:
     """Console entry point of `repro-train`."""
     register_configs()
+    quiet_hydra_on_other_ranks()
     _train()
 
 

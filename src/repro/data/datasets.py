@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from repro.data.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image
 
-DATASETS = ("imagenet", "folder", "cifar10", "cifar100", "synthetic")
+DATASETS = ("imagenet", "folder", "cifar10", "cifar100", "synthetic", "digits")
 CIFAR_SPLITS = ("train", "val", "trainval", "test")
 FOLDER_SPLITS = ("train", "val")
 
@@ -174,12 +174,17 @@ def _cifar_arrays(root: Path, name: str, train: bool, download: bool) -> tuple[t
 
 
 def build_dataset(cfg: Any, split: str, transform: Callable[..., Any] | None = None) -> Dataset:
-    """The dataset `cfg.name` (imagenet|folder|cifar10|cifar100|synthetic) for `split`, with `transform`."""
+    """The dataset `cfg.name` (imagenet|folder|cifar10|cifar100|synthetic|digits) for `split`, with `transform`."""
     name = cfg.name
     if name not in DATASETS:
         raise DataError(f"data={name!r} is not valid; choose one of {list(DATASETS)}")
     if name == "synthetic":
         return Synthetic(cfg.length, cfg.image_size, cfg.num_classes, transform)
+    if name == "digits":
+        from repro.data.digits import digits_tensors
+
+        images, labels, classes = digits_tensors(cfg, split)
+        return ImageTensors(images, labels, classes, [f"digits-{split}/{i}" for i in range(len(labels))], transform)
     if name in ("imagenet", "folder"):
         if split not in FOLDER_SPLITS:
             raise DataError(f"data.split={split!r} is not valid for data={name}; choose one of {list(FOLDER_SPLITS)}")

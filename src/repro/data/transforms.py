@@ -84,6 +84,8 @@ class EvalViews:
                 view = resized if self.crop is None else TF.center_crop(resized, [self.crop, self.crop])
                 out["center"] = view.unsqueeze(0)
             if "ten_crop" in self.protocols:
+                # One layout change for the whole image, not one per crop (decoded images are HWC-strided).
+                resized = resized.contiguous()
                 out["ten_crop"] = torch.stack(TF.ten_crop(resized, [self.crop, self.crop]))
         if "multi_scale" in self.protocols:
             views = []

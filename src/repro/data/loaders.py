@@ -1,0 +1,124 @@
+"""Training loaders whose every random choice is a function of (seed, epoch, sample), so a run resumed
+mid-epoch sees exactly the batches and augmentations the uninterrupted run saw."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from repro.data.datasets import Failed
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample of one epoch."""
+    return (seed * 1_000_003 + epoch) * 2_147_483_647 + index & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """This rank's (epoch, index) pairs: a seeded shuffle per epoch, equal shards, whole batches only.
+
+    `start_batch` skips the batches a resumed run has already trained on.
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True) -> None:
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.epoch, self.start_batch = 0, 0
+        self.batches = length // (batch_size * world_size)
+        if self.batches == 0:
+            raise ValueError(f"{length} training images cannot fill one batch of {batch_size} x {world_size} "
+                             f"processes; lower data.batch_size")
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Choose the epoch (its shuffle) and the first batch to yield."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def indices(self) -> list[int]:
+        """This rank's sample indices for the epoch, from `start_batch` on."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+            order = torch.randperm(self.length, generator=g)
+        else:
+            order = torch.arange(self.length)
+        used = self.batches * self.batch_size * self.world_size
+        mine = order[:used][self.rank::self.world_size]
+        return mine[self.start_batch * self.batch_size:].tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter((self.epoch, i) for i in self.indices())
+
+    def __len__(self) -> int:
+        return (self.batches - self.start_batch) * self.batch_size
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so item (epoch, i) is transformed with Python's `random` seeded by (seed, epoch, i)."""
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, i = key
+        random.seed(sample_seed(self.seed, epoch, i))
+        return self.base[i]
+
+
+class TensorBatches:
+    """Training batches straight from an in-memory uint8 tensor (CIFAR, digits): one indexing op per batch.
+
+    Augmentation happens batch-wise on the device (see BatchPadCrop), so there is no per-sample Python work.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: list[int], sampler: EpochSampler) -> None:
+        self.images, self.labels, self.sampler = images, torch.tensor(labels, dtype=torch.long), sampler
+
+    def __len__(self) -> int:
+        return self.sampler.batches - self.sampler.start_batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        idx = torch.tensor(self.sampler.indices(), dtype=torch.long)
+        for b in range(len(self)):
+            sel = idx[b * self.sampler.batch_size:(b + 1) * self.sampler.batch_size]
+            yield {"views": self.images[sel], "labels": self.labels[sel], "indices": sel, "failed": [],
+                   "batch": self.sampler.start_batch + b}
+
+
+class BatchPadCrop(torch.nn.Module):
+    """CIFAR augmentation for a whole uint8 batch on its device: pad, random crop, random flip.
+
+    The offsets come from a CPU generator seeded by (seed, epoch, batch), so they are reproducible.
+    """
+
+    def __init__(self, crop: int, pad: int = 4, flip: bool = True) -> None:
+        super().__init__()
+        self.crop, self.pad, self.flip = crop, pad, flip
+
+    def forward(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        b, _, h, w = x.shape
+        g = torch.Generator().manual_seed(seed)
+        p = self.pad
+        top = torch.randint(0, h + 2 * p - self.crop + 1, (b,), generator=g).to(x.device)
+        left = torch.randint(0, w + 2 * p - self.crop + 1, (b,), generator=g).to(x.device)
+        flips = (torch.rand(b, generator=g) < 0.5).to(x.device) if self.flip else None
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        ar = torch.arange(self.crop, device=x.device)
+        rows = (top[:, None] + ar)[:, None, :, None]  # [B, 1, crop, 1]
+        cols = (left[:, None] + ar)[:, None, None, :]  # [B, 1, 1, crop]
+        if flips is not None:
+            cols = torch.where(flips[:, None, None, None], cols.flip(-1), cols)
+        bi = torch.arange(b, device=x.device)[:, None, None, None]
+        ci = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        return padded[bi, ci, rows, cols]
+
+
+def drop_failed(items: list[Any]) -> list[Any]:
+    """Items other than failures (training skips unusable images when data.on_error=skip)."""
+    return [it for it in items if not isinstance(it, Failed)]

@@ -1,0 +1,604 @@
+"""Evaluation: exact top-1/top-5 counting, the protocols' averages, repro-eval on real and broken data, torchrun."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+from repro.data import DataError, EvalViews, Normalize, Preprocessing, collate, load_image
+from repro.data.datasets import ImageFiles, scan_folder
+from repro.engine import Tally, class_ranks, evaluate, top_predictions
+from repro.eval import PREDICTION_COLUMNS
+from repro.eval import main as eval_main
+from repro.models import create_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR_ROOT = SHARED / "data" / "cifar10-jpeg"
+AKAMASTER_RESNET20 = SHARED / "weights" / "akamaster-cifar10" / "resnet20-12fca82f.th"
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Run this module single-threaded: the models and images are tiny and 2 cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------ ranks and tallies
+def _reference_rank(row: list[float], label: int) -> int:
+    """The label's position when classes are sorted by score, highest first, ties by lower class index."""
+    order = sorted(range(len(row)), key=lambda c: (-row[c], c))
+    return order.index(label)
+
+
+def test_all_equal_scores_rank_by_class_index():
+    """With all scores equal the tie goes to the lower class: label 0 is top-1, label 7 has rank 7."""
+    scores = torch.zeros(10, 10)
+    labels = torch.arange(10)
+    assert class_ranks(scores, labels).tolist() == list(range(10))
+    tally = Tally()
+    tally.add(class_ranks(scores, labels))
+    assert (tally.top1, tally.top5, tally.images) == (1, 5, 10)  # labels 0..4 are in the top-5
+    assert tally.errors() == {"top1_err": pytest.approx(90.0), "top5_err": pytest.approx(50.0), "images": 10}
+    assert top_predictions(scores)[0].tolist() == [[0, 1, 2, 3, 4]] * 10
+
+
+def test_ranks_and_top5_hand_computed():
+    """A row with ties: order 4, 1, 2, 5 (three 0.5s by index), 3, 0; ranks and top-5 follow it."""
+    row = [0.1, 0.5, 0.5, 0.2, 0.9, 0.5]
+    scores = torch.tensor([row] * 6)
+    ranks = class_ranks(scores, torch.arange(6))
+    assert ranks.tolist() == [5, 1, 2, 4, 0, 3]
+    pred, prob = top_predictions(scores[:1])
+    assert pred.tolist() == [[4, 1, 2, 5, 3]]
+    assert prob.tolist() == [[pytest.approx(v) for v in (0.9, 0.5, 0.5, 0.5, 0.2)]]
+    tally = Tally()
+    tally.add(ranks)
+    assert (tally.top1, tally.top5, tally.images) == (1, 5, 6)  # only class 0 (rank 5) misses the top-5
+
+
+def test_top5_boundary():
+    """Rank 4 is a top-5 hit, rank 5 is not, also when the boundary falls inside a tie."""
+    scores = torch.tensor([[9.0, 8, 7, 6, 5, 4, 3], [1.0, 1, 1, 1, 1, 1, 0]])
+    for labels, expected in [([4, 4], [4, 4]), ([5, 5], [5, 5]), ([6, 6], [6, 6])]:
+        assert class_ranks(scores, torch.tensor(labels)).tolist() == expected
+    tally = Tally()
+    tally.add(torch.tensor([4, 5, 0, 6]))
+    assert (tally.top1, tally.top5, tally.images) == (1, 2, 4)
+    tally.add(torch.tensor([1]))  # counts accumulate over batches
+    assert (tally.top1, tally.top5, tally.images) == (1, 3, 5)
+    assert tally.errors()["top1_err"] == pytest.approx(80.0) and tally.errors()["top5_err"] == pytest.approx(40.0)
+
+
+def test_fewer_than_five_classes():
+    """With 3 classes every label is in the top-5 and top_predictions returns the 3 classes it has."""
+    scores = torch.tensor([[0.2, 0.7, 0.1], [0.3, 0.3, 0.4]])
+    ranks = class_ranks(scores, torch.tensor([2, 1]))
+    assert ranks.tolist() == [2, 2]
+    tally = Tally()
+    tally.add(ranks)
+    assert tally.errors() == {"top1_err": pytest.approx(100.0), "top5_err": 0.0, "images": 2}
+    assert top_predictions(scores)[0].tolist() == [[1, 0, 2], [2, 0, 1]]
+
+
+def test_class_ranks_match_sorting_with_many_ties():
+    """On small-integer scores (many ties) class_ranks equals the position in a stable descending sort."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (200, 12), generator=g).float()
+    labels = torch.randint(0, 12, (200,), generator=g)
+    expected = [_reference_rank(r, y) for r, y in zip(scores.tolist(), labels.tolist())]
+    assert class_ranks(scores, labels).tolist() == expected
+    pred = top_predictions(scores)[0].tolist()
+    for p, r, y in zip(pred, expected, labels.tolist()):
+        assert (y in p) == (r < 5) and (r >= 5 or p[r] == y)
+
+
+# -------------------------------------------------------------------- evaluate() on a hand-made model
+class PixelLookup(nn.Module):
+    """Fixed logits per view, chosen by the red value of the view's top-left pixel: logits = table[value]."""
+
+    def __init__(self, table: dict[int, list[float]]) -> None:
+        super().__init__()
+        num_classes = len(next(iter(table.values())))
+        self.register_buffer("table", torch.zeros(256, num_classes))
+        for value, logits in table.items():
+            self.table[value] = torch.tensor(logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[torch.round(x[:, 0, 0, 0] * 255).long()]  # identity preprocessing: x = pixel / 255
+
+
+EXTREME, MILD, BLUE, TIE, TINY = 1, 2, 3, 4, 5
+TABLE = {EXTREME: [30.0, 0.0, 0.0], MILD: [0.0, 2.0, 0.0], BLUE: [0.0, 0.0, 5.0], TIE: [1.0, 1.0, 1.0],
+         TINY: [0.0, 1e-9, -5.0]}
+
+
+def _write_png(path: Path, red: np.ndarray) -> None:
+    """A lossless RGB image whose red channel is `red` (green, blue = 0)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.zeros((*red.shape, 3), dtype=np.uint8)
+    arr[..., 0] = red
+    Image.fromarray(arr).save(path)
+
+
+def _split_image() -> np.ndarray:
+    """4x4: every pixel MILD but the top-left one EXTREME, so exactly one of the ten 2x2 crops starts on it."""
+    red = np.full((4, 4), MILD, dtype=np.uint8)
+    red[0, 0] = EXTREME
+    return red
+
+
+# file -> (red channel, label). Classes by folder: c0 -> 0, c1 -> 1, c2 -> 2.
+IMAGES = {
+    "c0/split_a.png": (_split_image(), 0),
+    "c0/split_c.png": (_split_image(), 0),
+    "c1/split_b.png": (_split_image(), 1),
+    "c2/blue.png": (np.full((4, 4), BLUE, dtype=np.uint8), 2),
+    "c0/tie.png": (np.full((4, 4), TIE, dtype=np.uint8), 0),
+    "c2/tie.png": (np.full((4, 4), TIE, dtype=np.uint8), 2),
+}
+
+
+def _loader(root: Path, protocols: list[str], batch_size: int = 4) -> tuple[DataLoader, list[str]]:
+    """The folder under `root` read as repro-eval reads it, with 2x2 crops of the 4x4 images (no resize)."""
+    paths, labels, classes = scan_folder(root)
+    ds = ImageFiles(paths, labels, classes, EvalViews(protocols=protocols, resize=None, crop=2))
+    return DataLoader(ds, batch_size=batch_size, collate_fn=collate), paths
+
+
+@pytest.fixture
+def lookup_folder(tmp_path):
+    """The IMAGES written as PNG files in class folders."""
+    for rel, (red, _) in IMAGES.items():
+        _write_png(tmp_path / rel, red)
+    return tmp_path
+
+
+def test_split_image_averages_differ_by_hand():
+    """By hand: mean logits of 1 EXTREME + 9 MILD views pick class 0, mean softmax picks class 1."""
+    ext, mild = TABLE[EXTREME], TABLE[MILD]
+    mean_logits = [(a + 9 * b) / 10 for a, b in zip(ext, mild)]
+    assert mean_logits == [3.0, 1.8, 0.0]
+
+    def softmax(v):
+        z = sum(math.exp(x) for x in v)
+        return [math.exp(x) / z for x in v]
+
+    mean_probs = [(a + 9 * b) / 10 for a, b in zip(softmax(ext), softmax(mild))]
+    assert mean_probs[1] > 0.7 > 0.2 > mean_probs[0]
+
+
+@pytest.mark.parametrize(("protocol", "average", "top1_hits", "split_pred"), [
+    ("center", "softmax", 3, 1),  # the central 2x2 crop is all MILD: class 1
+    ("center", "logits", 3, 1),
+    ("ten_crop", "softmax", 3, 1),  # 9 confident MILD views outvote one EXTREME
+    ("ten_crop", "logits", 4, 0),  # the EXTREME view's logit 30 dominates the mean
+])
+def test_evaluate_exact_counts(lookup_folder, protocol, average, top1_hits, split_pred):
+    """evaluate() counts exactly what the hand-computed predictions give, per protocol and average."""
+    loader, paths = _loader(lookup_folder, [protocol])
+    res = evaluate(PixelLookup(TABLE), Normalize(Preprocessing()), loader, CPU, [protocol], average=average,
+                   paths=paths, progress=False)
+    tally = res.tallies[protocol]
+    assert (tally.top1, tally.top5, tally.images) == (top1_hits, 6, 6)  # 3 classes: top-5 always hits
+    assert res.metrics() == {protocol: {"top1_err": pytest.approx(100 * (6 - top1_hits) / 6), "top5_err": 0.0,
+                                        "images": 6, "skipped": 0}}
+    rows = {Path(r["path"]).relative_to(lookup_folder).as_posix(): r for r in res.predictions}
+    assert set(rows) == set(IMAGES)
+    for rel, (_, label) in IMAGES.items():
+        assert rows[rel]["label"] == label and rows[rel]["protocol"] == protocol
+    assert {rows[f"c{c}/split_{x}.png"]["pred1"] for c, x in [(0, "a"), (0, "c"), (1, "b")]} == {split_pred}
+    assert rows["c2/blue.png"]["pred1"] == 2
+    assert rows["c0/tie.png"]["pred1"] == rows["c2/tie.png"]["pred1"] == 0  # ties go to class 0
+    assert [rows["c0/tie.png"][f"pred{i}"] for i in range(1, 6)] == [0, 1, 2, "", ""]
+    assert rows["c0/tie.png"]["prob1"] == pytest.approx(1 / 3, abs=1e-6)
+    if protocol == "ten_crop" and average == "softmax":
+        e2 = math.exp(2)
+        expected = (9 * e2 / (e2 + 2) + 1 / (math.exp(30) + 2)) / 10
+        assert rows["c1/split_b.png"]["prob1"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_evaluate_both_protocols_at_once(lookup_folder):
+    """center and ten_crop in one pass give the same counts as each alone."""
+    loader, _ = _loader(lookup_folder, ["center", "ten_crop"], batch_size=5)
+    res = evaluate(PixelLookup(TABLE), Normalize(Preprocessing()), loader, CPU, ["center", "ten_crop"],
+                   average="logits", progress=False)
+    assert {p: (t.top1, t.top5, t.images) for p, t in res.tallies.items()} == {"center": (3, 6, 6),
+                                                                               "ten_crop": (4, 6, 6)}
+
+
+def test_reported_predictions_agree_with_counted_errors(tmp_path):
+    """average=logits: pred1 in the rows is ranked on the logits the errors count, even where softmax ties."""
+    _write_png(tmp_path / "c0" / "x.png", np.full((4, 4), TIE, dtype=np.uint8))
+    _write_png(tmp_path / "c1" / "tiny.png", np.full((4, 4), TINY, dtype=np.uint8))  # logits 0 < 1e-9
+    assert torch.tensor(TABLE[TINY]).softmax(-1)[0] == torch.tensor(TABLE[TINY]).softmax(-1)[1]  # a float tie
+    loader, paths = _loader(tmp_path, ["center"])
+    res = evaluate(PixelLookup(TABLE), Normalize(Preprocessing()), loader, CPU, ["center"], average="logits",
+                   paths=paths, progress=False)
+    assert res.tallies["center"].top1 == 2
+    assert [r["pred1"] for r in res.predictions] == [0, 1]
+
+
+def test_evaluate_bad_images_raise_or_skip(lookup_folder):
+    """An unusable image stops evaluate() with its message, or with on_error=skip is skipped and counted."""
+    _write_png(lookup_folder / "c1" / "one_pixel.png", np.full((1, 1), MILD, dtype=np.uint8))  # < the 2x2 crop
+    (lookup_folder / "c2" / "fake.png").write_bytes(b"not a png")
+    loader, paths = _loader(lookup_folder, ["center"], batch_size=3)
+    with pytest.raises(DataError, match="fake.png: not an image file|one_pixel.png: the image is 1x1"):
+        evaluate(PixelLookup(TABLE), Normalize(Preprocessing()), loader, CPU, ["center"], progress=False)
+    res = evaluate(PixelLookup(TABLE), Normalize(Preprocessing()), loader, CPU, ["center"], on_error="skip",
+                   paths=paths, progress=False)
+    assert res.metrics()["center"] == {"top1_err": pytest.approx(50.0), "top5_err": 0.0, "images": 6, "skipped": 2}
+    assert sorted(Path(p).name for p, _ in res.skipped) == ["fake.png", "one_pixel.png"]
+    assert len(res.predictions) == 6
+
+
+def test_evaluate_refuses_unknown_average(lookup_folder):
+    """An unknown average is refused by name."""
+    loader, _ = _loader(lookup_folder, ["center"])
+    with pytest.raises(ValueError, match="eval.average='median' is not valid"):
+        evaluate(PixelLookup(TABLE), Normalize(Preprocessing()), loader, CPU, ["center"], average="median")
+
+
+# ---------------------------------------------------------------------------------- repro-eval helpers
+class Result:
+    """Exit code and output of one repro-eval run."""
+
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = code, stdout, stderr
+
+
+@pytest.fixture
+def repro_eval(monkeypatch, capfd):
+    """Run `repro-eval ARGS` in this process: the console script's code path, without interpreter startup."""
+
+    def run(*args: str, cwd: Path) -> Result:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["repro-eval", *args])
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        capfd.readouterr()
+        code = 0
+        try:
+            eval_main()
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code
+        finally:  # leave no Hydra or logging state to later tests
+            GlobalHydra.instance().clear()
+            for h in [h for h in root.handlers if h not in handlers]:
+                root.removeHandler(h)
+                h.close()
+            root.setLevel(level)
+        out, err = capfd.readouterr()
+        return Result(code, out, err)
+
+    return run
+
+
+def _subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a command the way a user does."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _run_dir(cwd: Path) -> Path:
+    """The single run dir a repro-eval run left under cwd/outputs/eval/."""
+    runs = [p for p in (cwd / "outputs" / "eval").iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def _metrics(cwd: Path) -> dict:
+    return json.loads((_run_dir(cwd) / "metrics.json").read_text())
+
+
+def _predictions(cwd: Path) -> list[dict[str, str]]:
+    with open(_run_dir(cwd) / "predictions.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == PREDICTION_COLUMNS
+        return list(reader)
+
+
+def _png(h: int = 40, w: int = 48, seed: int = 0, mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    """An encoded random image."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    if mode == "RGBA":
+        img = Image.fromarray(np.concatenate([np.array(img), rng.integers(0, 256, (h, w, 1), dtype=np.uint8)], -1))
+    elif mode == "P":
+        img = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    elif mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _folder(root: Path, files: dict[str, bytes] | None = None, good: int = 4) -> Path:
+    """`good` random PNGs over classes cat/dog, plus `files` ({relative path: bytes})."""
+    files = {**{f"{'cat' if i % 2 else 'dog'}/{i}.png": _png(seed=i) for i in range(good)}, **(files or {})}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def _truncated_jpeg() -> bytes:
+    data = _png(64, 64, fmt="JPEG")
+    return data[: len(data) // 2]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A repro checkpoint of a 2-class resnet20 that carries its model config and preprocessing."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=2)
+    path = tmp_path_factory.mktemp("weights") / "resnet20-2cls.pt"
+    torch.save({"model": model.state_dict(),
+                "preprocessing": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "mean_image": None},
+                "config": {"model": {"name": "resnet20", "resolution": 32, "num_classes": 2, "shortcut": "A",
+                                     "shortcut_pad": "after", "zero_init_residual": False}}}, path)
+    return path
+
+
+def _folder_args(val_dir: Path, checkpoint: Path, *more: str) -> list[str]:
+    """repro-eval arguments for a class-folder dataset and the test checkpoint."""
+    return ["data=folder", f"data.val_dir={val_dir}", "data.num_workers=0", "data.batch_size=4",
+            f"weights.path={checkpoint}", "eval.progress=false", *more]
+
+
+# -------------------------------------------------------------------------------------- bad inputs
+def _case_missing_root(d: Path, ckpt: Path):
+    return _folder_args(d / "nope", ckpt), [str(d / "nope"), "does not exist", "data.val_dir"]
+
+
+def _case_empty_root(d: Path, ckpt: Path):
+    (d / "empty").mkdir()
+    return _folder_args(d / "empty", ckpt), [str(d / "empty"), "has no class sub-folders", "<class>/<image>"]
+
+
+def _case_no_images(d: Path, ckpt: Path):
+    root = _folder(d / "val", {"cat/notes.txt": b"x", "dog/labels.csv": b"y"}, good=0)
+    return _folder_args(root, ckpt), [str(root), "has class folders but no images", ".jpg"]
+
+
+def _case_truncated_jpeg(d: Path, ckpt: Path):
+    root = _folder(d / "val", {"cat/broken.jpg": _truncated_jpeg()})
+    return _folder_args(root, ckpt), [str(root / "cat" / "broken.jpg"), "truncated", "data.on_error=skip"]
+
+
+def _case_not_an_image(d: Path, ckpt: Path):
+    root = _folder(d / "val", {"dog/notes.jpg": b"these are my notes, not a picture\n"})
+    return _folder_args(root, ckpt), [str(root / "dog" / "notes.jpg"), "not an image file", "data.on_error=skip"]
+
+
+def _case_smaller_than_crop(d: Path, ckpt: Path):
+    root = _folder(d / "val", {"cat/small.png": _png(20, 24)})
+    return (_folder_args(root, ckpt, "eval.resize=null"),
+            [str(root / "cat" / "small.png"), "24x20, smaller than the 32x32 crop", "set eval.resize"])
+
+
+def _case_no_weights_path(d: Path, ckpt: Path):
+    args = [a for a in _folder_args(_folder(d / "val"), ckpt) if not a.startswith("weights.path=")]
+    return args, ["give the weights to evaluate: weights.path=FILE"]
+
+
+def _case_weights_file_missing(d: Path, ckpt: Path):
+    return _folder_args(_folder(d / "val"), d / "gone.pt"), [str(d / "gone.pt"), "does not exist"]
+
+
+def _case_torchvision_without_model(d: Path, ckpt: Path):
+    path = d / "mobilenet_v2.pth"
+    torch.save(torchvision.models.mobilenet_v2(num_classes=2).state_dict(), path)
+    return (_folder_args(_folder(d / "val"), path, "weights.format=torchvision"),
+            ["no model: give model=NAME", "only repro checkpoints carry their model config"])
+
+
+def _case_cifar_without_test(d: Path, ckpt: Path):
+    root = _folder(d / "cifar", {f"train/{c}/0.png": _png(32, 32) for c in CIFAR_CLASSES}, good=0)
+    return (["data=cifar10", f"data.root={root}", "data.num_workers=0", f"weights.path={ckpt}"],
+            [str(root), "has train/ but no test/ images", "data.split=val"])
+
+
+def _case_bad_on_error(d: Path, ckpt: Path):
+    return _folder_args(_folder(d / "val"), ckpt, "data.on_error=ignore"), ["data.on_error='ignore' is not valid",
+                                                                            "['raise', 'skip']"]
+
+
+BAD_INPUTS = {name.removeprefix("_case_"): fn for name, fn in globals().copy().items() if name.startswith("_case_")}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_clear_message(case, tmp_path, checkpoint, repro_eval):
+    """Each bad input stops repro-eval with exit code 2 and one message naming the problem, no traceback."""
+    args, fragments = BAD_INPUTS[case](tmp_path, checkpoint)
+    res = repro_eval(*args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    error = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1, res.stderr
+    for fragment in fragments:
+        assert fragment in error[0]
+    assert "Traceback" not in res.stderr
+    assert not list(tmp_path.glob("outputs/eval/*/metrics.json"))
+
+
+@pytest.mark.parametrize("case", ["truncated_jpeg", "torchvision_without_model"])
+def test_bad_input_clear_message_subprocess(case, tmp_path, checkpoint):
+    """The same refusals from the real console script: exit code != 0, the message on stderr, no traceback."""
+    args, fragments = BAD_INPUTS[case](tmp_path, checkpoint)
+    res = _subprocess("repro-eval", *args, cwd=tmp_path)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    for fragment in fragments:
+        assert fragment in res.stderr
+
+
+def test_skip_policy_counts_skipped(tmp_path, checkpoint, repro_eval):
+    """data.on_error=skip evaluates the good images, and metrics.json counts the skipped ones apart."""
+    root = _folder(tmp_path / "val", {"cat/broken.jpg": _truncated_jpeg(), "dog/notes.jpg": b"not a picture"},
+                   good=5)
+    res = repro_eval(*_folder_args(root, checkpoint, "data.on_error=skip", "eval.protocols=[center,ten_crop]",
+                                   "eval.save_predictions=true"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    metrics = _metrics(tmp_path)
+    for proto in ("center", "ten_crop"):
+        assert metrics[proto]["images"] == 5 and metrics[proto]["skipped"] == 2
+    rows = _predictions(tmp_path)
+    assert Counter(r["protocol"] for r in rows) == {"center": 5, "ten_crop": 5}
+    assert not {r["path"] for r in rows} & {str(root / "cat" / "broken.jpg"), str(root / "dog" / "notes.jpg")}
+    assert "skipped 2 unusable images" in res.stderr
+
+
+def test_non_rgb_images_are_evaluated(tmp_path, checkpoint, repro_eval):
+    """Grayscale and CMYK JPEGs, RGBA and palette PNGs are converted to RGB (as PIL's convert) and evaluated."""
+    files = {"cat/gray.jpg": _png(mode="L", fmt="JPEG"), "cat/cmyk.jpg": _png(seed=1, mode="CMYK", fmt="JPEG"),
+             "dog/rgba.png": _png(seed=2, mode="RGBA"), "dog/palette.png": _png(seed=3, mode="P")}
+    root = _folder(tmp_path / "val", files, good=0)
+    for rel, mode in zip(files, ["L", "CMYK", "RGBA", "P"]):
+        with Image.open(root / rel) as im:
+            assert im.mode == mode
+            pil = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(load_image(root / rel), pil), rel
+    res = repro_eval(*_folder_args(root, checkpoint, "eval.save_predictions=true"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert _metrics(tmp_path)["center"]["images"] == 4 and _metrics(tmp_path)["center"]["skipped"] == 0
+    assert sorted(Path(r["path"]).name for r in _predictions(tmp_path)) == sorted(Path(f).name for f in files)
+
+
+# ---------------------------------------------------------------- akamaster ResNet-20 on real CIFAR images
+class AkaBasicBlock(nn.Module):
+    """akamaster/pytorch_resnet_cifar10's BasicBlock: option-A shortcut, zero channels padded on both sides."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.pad = planes // 4 if stride != 1 or in_planes != planes else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        short = x if self.pad is None else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + short)
+
+
+class AkaResNet20(nn.Module):
+    """akamaster's resnet20: conv1/bn1, layer1..3 of 3 blocks, global average pool, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        planes = [(16, 16, 1), (16, 32, 2), (32, 64, 2)]
+        for i, (cin, cout, stride) in enumerate(planes, 1):
+            blocks = [AkaBasicBlock(cin, cout, stride), AkaBasicBlock(cout, cout, 1), AkaBasicBlock(cout, cout, 1)]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
+        return self.linear(out.mean((2, 3)))
+
+
+def test_akamaster_resnet20_predictions_equal_reference(tmp_path, repro_eval):
+    """repro-eval's predictions for 200 real CIFAR-10 JPEGs equal a plain PIL + akamaster-net reference loop."""
+    if not AKAMASTER_RESNET20.is_file() or not (CIFAR_ROOT / "train").is_dir():
+        pytest.skip(f"needs {AKAMASTER_RESNET20} and {CIFAR_ROOT}/train (shared/ beside the checkout)")
+    res = repro_eval("model=resnet20", "data=cifar10", f"data.root={CIFAR_ROOT}", "data.split=val",
+                     "data.val_size=200", "data.num_workers=0", f"weights.path={AKAMASTER_RESNET20}",
+                     "weights.format=akamaster", "eval.save_predictions=true", "eval.progress=false", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    rows = _predictions(tmp_path)
+    assert len(rows) == 200 and len({r["path"] for r in rows}) == 200
+    assert {r["protocol"] for r in rows} == {"center"}
+    assert Counter(Path(r["path"]).parent.name for r in rows) == {c: 20 for c in CIFAR_CLASSES}
+
+    ref = AkaResNet20()
+    state = torch.load(AKAMASTER_RESNET20, map_location="cpu", weights_only=True)["state_dict"]
+    ref.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
+    ref.eval()
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    images = []
+    for r in rows:
+        with Image.open(r["path"]) as im:
+            x = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
+        images.append((x - mean) / std)
+    with torch.no_grad():
+        ref_pred = ref(torch.stack(images)).argmax(1).tolist()
+    labels = [CIFAR_CLASSES.index(Path(r["path"]).parent.name) for r in rows]
+    assert [int(r["label"]) for r in rows] == labels
+    assert [int(r["pred1"]) for r in rows] == ref_pred
+
+    metrics = _metrics(tmp_path)
+    center = metrics["center"]
+    assert center["images"] == 200 and center["skipped"] == 0
+    wrong = sum(p != y for p, y in zip(ref_pred, labels))
+    assert center["top1_err"] == pytest.approx(100 * wrong / 200)
+    top5_miss = sum(str(y) not in [r[f"pred{i}"] for i in range(1, 6)] for r, y in zip(rows, labels))
+    assert center["top5_err"] == pytest.approx(100 * top5_miss / 200)
+    assert center["top1_err"] < 25  # published 8.27% on the original test set; these are re-encoded JPEGs
+    assert metrics["weights"]["format"] == "akamaster" and metrics["config"]["model"]["shortcut_pad"] == "split"
+    for r in rows:
+        probs = [float(r[f"prob{i}"]) for i in range(1, 6)]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
+
+
+# ------------------------------------------------------------------------------------------ torchrun
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(tmp_path, checkpoint, repro_eval):
+    """torchrun with 2 CPU processes on 7 images: one run dir, each image once per protocol, the 1-process numbers."""
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    root = _folder(tmp_path / "val", good=7)
+    args = _folder_args(root, checkpoint, "data.batch_size=2", "eval.protocols=[center,ten_crop]",
+                        "eval.save_predictions=true")
+    (tmp_path / "multi").mkdir()
+    res = _subprocess("torchrun", "--standalone", "--nproc_per_node=2", "-m", "repro.eval", *args,
+                      cwd=tmp_path / "multi")
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    multi_metrics, multi_rows = _metrics(tmp_path / "multi"), _predictions(tmp_path / "multi")
+    assert res.stdout.count("metrics: ") == 1  # only rank 0 prints
+
+    (tmp_path / "single").mkdir()
+    single = repro_eval(*args, cwd=tmp_path / "single")
+    assert single.returncode == 0, single.stderr
+    single_metrics, single_rows = _metrics(tmp_path / "single"), _predictions(tmp_path / "single")
+
+    paths = sorted(str(p) for p in root.glob("*/*.png"))
+    for proto in ("center", "ten_crop"):
+        assert multi_metrics[proto]["images"] == 7 and multi_metrics[proto]["skipped"] == 0
+        assert sorted(r["path"] for r in multi_rows if r["protocol"] == proto) == paths
+        for key in ("top1_err", "top5_err", "images"):
+            assert multi_metrics[proto][key] == single_metrics[proto][key]
+    assert len(multi_rows) == len(single_rows) == 14
+    for m, s in zip(multi_rows, single_rows):
+        assert [m[k] for k in PREDICTION_COLUMNS[:8]] == [s[k] for k in PREDICTION_COLUMNS[:8]]
+        for i in range(1, 6):
+            if s[f"prob{i}"]:
+                assert float(m[f"prob{i}"]) == pytest.approx(float(s[f"prob{i}"]), abs=2e-6)

@@ -94,6 +94,7 @@ class DataConfig:
     batch_size: int = 256  # images per batch per process (ten_crop puts 10 views of each through the net)
     num_workers: int = 8  # loader processes per GPU process
     on_error: str = "raise"  # raise | skip: what an unusable image does (skipped ones are counted)
+    limit: Any = None  # use at most N images of each split (a seeded sample): quick runs and smoke tests
 
 
 @dataclass
@@ -301,6 +302,18 @@ class PlaceholderConfig:
     model: Any = MISSING
 
 
+@dataclass
+class TablesConfig:
+    """`repro-tables`: the papers' tables and figures from run directories."""
+
+    runs: Any = None  # a run dir, a folder of them, a glob, or a list; null: outputs/ and multirun/ where they exist
+    out: Any = None  # where tables and figures go; null: this command's run dir
+    tables: Any = None  # table ids to write; null: all
+    figures: bool = True  # also draw out/figures/*.png
+    fig7_images: int = 1000  # images per checkpoint for ResNet Fig. 7's response stds
+    readme: Any = None  # a README whose "Reproduction status" section (between its markers) is regenerated
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
@@ -313,4 +326,5 @@ def register_configs() -> None:
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="summary_schema", node=SummaryConfig)
+    cs.store(name="tables_schema", node=TablesConfig)
     cs.store(name="placeholder_schema", node=PlaceholderConfig)

@@ -55,8 +55,20 @@ def quiet_hydra_on_other_ranks() -> None:
                      f"hydra.run.dir={scratch}"]
 
 
+def export_slurm_env() -> None:
+    """Under a multi-task SLURM job (hydra/launcher=slurm) set RANK, WORLD_SIZE, MASTER_ADDR, ... as torchrun does."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        return
+    TorchDistributedEnvironment().export()
+
+
 def init_distributed(device: torch.device) -> Dist:
-    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+    """Join the torchrun (or SLURM) process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+    export_slurm_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()

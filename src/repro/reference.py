@@ -102,3 +102,234 @@ SLIM_V2_MACS = {
 }
 SLIM_V2_PARAMS = {1.4: 6.06, 1.3: 5.34, 1.0: 3.47, 0.75: 2.61, 0.5: 1.95, 0.35: 1.66}
 SLIM_V2_MACS_224 = {1.4: 582, 1.3: 509}
+
+
+# ------------------------------------------------------------------------------------------------ result tables
+# The papers' result tables as data: which zoo model each printed row is, under which test protocol and on which
+# split it was measured, and the figures as printed (error or accuracy in %, mult-adds and parameters in
+# millions). `repro-tables` puts our runs beside them. Sources as above; the published reproductions
+# (fb.resnet.torch, akamaster/pytorch_resnet_cifar10, TF-slim) are second references where a table has one.
+
+FB_RESNET = "fb.resnet.torch (10-crop; option B, stride on the 3x3)"
+AKAMASTER = "akamaster/pytorch_resnet_cifar10 (200 epochs)"
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One printed row: the zoo model and options it names, the printed figures, and how to run it."""
+
+    label: str  # as printed
+    model: str  # zoo name
+    kwargs: dict[str, Any] = field(default_factory=dict)  # options beside the model config's defaults
+    resolution: int | None = None  # input side; None = the model config's default
+    paper: dict[str, float] = field(default_factory=dict)  # metric -> printed figure
+    ref: dict[str, float] = field(default_factory=dict)  # metric -> the table's second reference
+    select: dict[str, Any] = field(default_factory=dict)  # overrides of the table's experiment picking this row
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    """One results table of a paper: where its numbers were measured and its rows."""
+
+    id: str
+    caption: str
+    source: str
+    dataset: str  # the `data` config the runs must use
+    split: str  # the split the numbers are measured on
+    protocol: str  # center | ten_crop | multi_scale (repro-eval / final_protocols)
+    metrics: tuple[str, ...]  # accuracy metrics, as the paper prints them
+    rows: tuple[PaperRow, ...]
+    experiment: str  # configs/experiment/<name>.yaml trains its rows
+    ref_name: str = ""  # what `ref` holds
+    notes: tuple[str, ...] = ()
+
+
+def _r(label: str, model: str, row: str, **paper: float) -> PaperRow:
+    """A ResNet-paper row selected by `row=<row>` in its experiment."""
+    kwargs = {"shortcut": label[-1]} if label[-2:] in (" A", " B", " C") else {}
+    return PaperRow(label, model, kwargs, paper=paper, select={"row": row})
+
+
+def _v1(alpha: float, res: int, acc: float | None, **extra: Any) -> PaperRow:
+    """A MobileNetV1 width x resolution row."""
+    paper = {k: v for k, v in (("top1_acc", acc), ("madds_m", extra.pop("madds_m", None)),
+                                ("params_m", extra.pop("params_m", None))) if v is not None}
+    return PaperRow(f"{alpha:g} MobileNet-{res}", "mobilenet_v1", {"width_mult": alpha}, res, paper, **extra)
+
+
+_T1 = {"resnet18": 1.8e3, "resnet34": 3.6e3, "resnet50": 3.8e3, "resnet101": 7.6e3, "resnet152": 11.3e3}
+_SLIM_RES = (224, 192, 160, 128)
+_SLIM_V1_ACC = {  # TF-slim MobileNetV1 top-1 / top-5 accuracy by width, resolution 224/192/160/128
+    1.0: ((70.9, 89.9), (70.0, 89.2), (68.0, 87.7), (65.2, 85.8)),
+    0.75: ((68.4, 88.2), (67.2, 87.3), (65.3, 86.0), (62.1, 83.9)),
+    0.5: ((63.3, 84.9), (61.7, 83.6), (59.1, 81.9), (56.3, 79.4)),
+    0.25: ((49.8, 74.2), (47.7, 72.3), (45.5, 70.3), (41.5, 66.3)),
+}
+_V2_RES = (224, 192, 160, 128, 96)
+_SLIM_V2_ACC = {  # TF-slim MobileNetV2 top-1 / top-5 accuracy by width, resolution 224/192/160/128/96
+    1.0: ((71.8, 91.0), (70.7, 90.1), (68.8, 89.0), (65.3, 86.9), (60.3, 83.2)),
+    0.75: ((69.8, 89.6), (68.7, 88.9), (66.4, 87.3), (63.2, 85.3), (58.8, 81.6)),
+    0.5: ((65.4, 86.4), (63.9, 85.4), (61.0, 83.2), (57.7, 80.8), (51.2, 75.8)),
+    0.35: ((60.3, 82.9), (58.2, 81.2), (55.7, 79.1), (50.8, 75.0), (45.5, 70.4)),
+}
+# The paper's own V1 figures for the grid's models (Tables 6 and 7): (alpha, resolution) -> (top-1 %, MMAdds, Mparams).
+_V1_PAPER = {(1.0, 224): (70.6, 569, 4.2), (0.75, 224): (68.4, 325, 2.6), (0.5, 224): (63.7, 149, 1.3),
+             (0.25, 224): (50.6, 41, 0.5), (1.0, 192): (69.1, 418, 4.2), (1.0, 160): (67.2, 290, 4.2),
+             (1.0, 128): (64.4, 186, 4.2)}
+
+
+def _v1_paper(alpha: float, res: int, **extra: Any) -> PaperRow:
+    """A row of MobileNet Tables 6/7 with the paper's figures."""
+    acc, madds, params = _V1_PAPER[(alpha, res)]
+    return _v1(alpha, res, acc, madds_m=madds, params_m=params, **extra)
+
+
+def _grid_v1() -> tuple[PaperRow, ...]:
+    """The 16 alpha x rho MobileNets of Figs. 4-5, the paper's figures where Tables 6-7 print them."""
+    rows = []
+    for alpha, accs in _SLIM_V1_ACC.items():
+        for i, res in enumerate(_SLIM_RES):
+            acc, madds, params = _V1_PAPER.get((alpha, res), (None, None, None))
+            rows.append(_v1(alpha, res, acc, madds_m=madds, params_m=params,
+                            ref={"top1_acc": accs[i][0], "top5_acc": accs[i][1], "madds_m": SLIM_V1_MACS[alpha][i],
+                                 "params_m": SLIM_V1_PARAMS[alpha]},
+                            select={"model.width_mult": alpha, "model.resolution": res}))
+    return tuple(rows)
+
+
+def _grid_v2() -> tuple[PaperRow, ...]:
+    """MobileNetV2 multipliers x resolutions (TF-slim's release), the paper's figures for 1.0-224 and 1.4-224."""
+    rows = []
+    for alpha, accs in _SLIM_V2_ACC.items():
+        for i, res in enumerate(_V2_RES):
+            paper = {"top1_acc": 72.0, "madds_m": 300, "params_m": 3.4} if (alpha, res) == (1.0, 224) else {}
+            rows.append(PaperRow(f"MobileNetV2 {alpha:g}-{res}", "mobilenet_v2", {"width_mult": alpha}, res, paper,
+                                 ref={"top1_acc": accs[i][0], "top5_acc": accs[i][1],
+                                      "madds_m": SLIM_V2_MACS[alpha][i], "params_m": SLIM_V2_PARAMS[alpha]},
+                                 select={"model.width_mult": alpha, "model.resolution": res}))
+    for alpha, acc, paper in ((1.4, (75.0, 92.5), {"top1_acc": 74.7, "madds_m": 585, "params_m": 6.9}),
+                              (1.3, (74.4, 92.1), {})):
+        rows.append(PaperRow(f"MobileNetV2 {alpha:g}-224", "mobilenet_v2", {"width_mult": alpha}, 224, paper,
+                             ref={"top1_acc": acc[0], "top5_acc": acc[1], "madds_m": SLIM_V2_MACS_224[alpha],
+                                  "params_m": SLIM_V2_PARAMS[alpha]},
+                             select={"model.width_mult": alpha, "model.resolution": 224}))
+    return tuple(rows)
+
+
+RESULT_TABLES: tuple[PaperTable, ...] = (
+    PaperTable(
+        "resnet_table2", "Top-1 error (%, 10-crop testing) on ImageNet validation: plain nets against ResNets "
+        "(option A); the ResNets have no extra parameters.", f"{RESNET}, Table 2 (mult-adds: Table 1, §3.3)",
+        "imagenet", "val", "ten_crop", ("top1_err",),
+        (PaperRow("plain-18", "plain18", paper={"top1_err": 27.94}, select={"row": "plain18"}),
+         PaperRow("plain-34", "plain34", paper={"top1_err": 28.54, "madds_m": 3.6e3}, select={"row": "plain34"}),
+         PaperRow("ResNet-18", "resnet18", {"shortcut": "A"}, paper={"top1_err": 27.88, "madds_m": _T1["resnet18"]},
+                  select={"row": "resnet18_A"}),
+         PaperRow("ResNet-34", "resnet34", {"shortcut": "A"}, paper={"top1_err": 25.03, "madds_m": _T1["resnet34"]},
+                  select={"row": "resnet34_A"})),
+        "resnet_table2"),
+    PaperTable(
+        "resnet_table3", "Error rates (%, 10-crop testing) on ImageNet validation.",
+        f"{RESNET}, Table 3 (mult-adds: Table 1)", "imagenet", "val", "ten_crop", ("top1_err", "top5_err"),
+        (_r("plain-34", "plain34", "plain34", top1_err=28.54, top5_err=10.02, madds_m=3.6e3),
+         _r("ResNet-34 A", "resnet34", "resnet34_A", top1_err=25.03, top5_err=7.76, madds_m=_T1["resnet34"]),
+         PaperRow("ResNet-34 B", "resnet34", {"shortcut": "B"}, paper={"top1_err": 24.52, "top5_err": 7.46,
+                  "madds_m": _T1["resnet34"]}, ref={"top1_err": 24.76, "top5_err": 7.35}, select={"row": "resnet34_B"}),
+         _r("ResNet-34 C", "resnet34", "resnet34_C", top1_err=24.19, top5_err=7.40),  # Table 1's 3.6G is B's
+         PaperRow("ResNet-50", "resnet50", paper={"top1_err": 22.85, "top5_err": 6.71, "madds_m": _T1["resnet50"]},
+                  ref={"top1_err": 22.24, "top5_err": 6.08}, select={"row": "resnet50"}),
+         PaperRow("ResNet-101", "resnet101", paper={"top1_err": 21.75, "top5_err": 6.05, "madds_m": _T1["resnet101"]},
+                  ref={"top1_err": 21.08, "top5_err": 5.35}, select={"row": "resnet101"}),
+         PaperRow("ResNet-152", "resnet152", paper={"top1_err": 21.43, "top5_err": 5.71, "madds_m": _T1["resnet152"]},
+                  ref={"top1_err": 20.69, "top5_err": 5.21}, select={"row": "resnet152"})),
+        "resnet_table3", ref_name=FB_RESNET,
+        notes=("The paper also lists VGG-16 28.07/9.33, GoogLeNet –/9.15 and PReLU-net 24.27/7.38 (not in the zoo).",)),
+    PaperTable(
+        "resnet_table4", "Error rates (%) of single-model results on ImageNet validation (fully-convolutional, "
+        "scores averaged over shorter sides {224, 256, 384, 480, 640}).", f"{RESNET}, Table 4 (mult-adds: Table 1)",
+        "imagenet", "val", "multi_scale", ("top1_err", "top5_err"),
+        (_r("ResNet-34 B", "resnet34", "resnet34_B", top1_err=21.84, top5_err=5.71, madds_m=_T1["resnet34"]),
+         _r("ResNet-34 C", "resnet34", "resnet34_C", top1_err=21.53, top5_err=5.60),
+         _r("ResNet-50", "resnet50", "resnet50", top1_err=20.74, top5_err=5.25, madds_m=_T1["resnet50"]),
+         _r("ResNet-101", "resnet101", "resnet101", top1_err=19.87, top5_err=4.60, madds_m=_T1["resnet101"]),
+         _r("ResNet-152", "resnet152", "resnet152", top1_err=19.38, top5_err=4.49, madds_m=_T1["resnet152"])),
+        "resnet_table4"),
+    PaperTable(
+        "resnet_table6", "Classification error (%) on the CIFAR-10 test set (option A shortcuts; "
+        "trained on 45k images, 64k iterations).", f"{RESNET}, Table 6", "cifar10", "test", "center", ("top1_err",),
+        tuple(PaperRow(f"ResNet-{n}", f"resnet{n}", paper={"top1_err": err, "params_m": params},
+                       ref={"top1_err": ref}, select={"row": f"cifar_resnet{n}"},
+                       note="best of 5 runs; mean 6.61 ± 0.16" if n == 110 else "")
+              for n, err, params, ref in ((20, 8.75, 0.27, 8.27), (32, 7.51, 0.46, 7.37), (44, 7.17, 0.66, 6.90),
+                                          (56, 6.97, 0.85, 6.61), (110, 6.43, 1.7, 6.32), (1202, 7.93, 19.4, 6.18))),
+        "resnet_table6", ref_name=AKAMASTER,
+        notes=("The paper also lists Maxout 9.38, NIN 8.81, DSN 8.22, FitNet 8.39 and Highway 7.54 "
+               "(not in the zoo).",)),
+    PaperTable(
+        "mobilenet_table4", "Depthwise separable vs full convolution MobileNet (ImageNet top-1 accuracy, %).",
+        f"{MOBILENET}, Table 4", "imagenet", "val", "center", ("top1_acc",),
+        (PaperRow("Conv MobileNet", "mobilenet_v1", {"full_conv": True}, 224,
+                  {"top1_acc": 71.7, "madds_m": 4866, "params_m": 29.3}, select={"row": "conv_mobilenet"}),
+         PaperRow("MobileNet", "mobilenet_v1", {}, 224, {"top1_acc": 70.6, "madds_m": 569, "params_m": 4.2},
+                  select={"row": "mobilenet_1.0_224"})),
+        "mobilenet_table4"),
+    PaperTable(
+        "mobilenet_table5", "Narrow vs shallow MobileNet (ImageNet top-1 accuracy, %).", f"{MOBILENET}, Table 5",
+        "imagenet", "val", "center", ("top1_acc",),
+        (PaperRow("0.75 MobileNet", "mobilenet_v1", {"width_mult": 0.75}, 224,
+                  {"top1_acc": 68.4, "madds_m": 325, "params_m": 2.6}, select={"row": "mobilenet_0.75_224"}),
+         PaperRow("Shallow MobileNet", "mobilenet_v1", {"shallow": True}, 224,
+                  {"top1_acc": 65.3, "madds_m": 307, "params_m": 2.9}, select={"row": "shallow_mobilenet"})),
+        "mobilenet_table5"),
+    PaperTable(
+        "mobilenet_table6", "MobileNet width multiplier (ImageNet top-1 accuracy, %).", f"{MOBILENET}, Table 6",
+        "imagenet", "val", "center", ("top1_acc",),
+        tuple(_v1_paper(a, 224, select={"model.width_mult": a}) for a in (1.0, 0.75, 0.5, 0.25)),
+        "mobilenet_table6"),
+    PaperTable(
+        "mobilenet_table7", "MobileNet resolution (ImageNet top-1 accuracy, %).", f"{MOBILENET}, Table 7",
+        "imagenet", "val", "center", ("top1_acc",),
+        tuple(_v1_paper(1.0, r, select={"model.resolution": r}) for r in _SLIM_RES),
+        "mobilenet_table7"),
+    PaperTable(
+        "mobilenet_table8", "MobileNet comparison to popular models (ImageNet top-1 accuracy, %).",
+        f"{MOBILENET}, Table 8", "imagenet", "val", "center", ("top1_acc",),
+        (_v1_paper(1.0, 224, select={"row": "mobilenet_1.0_224"}),), "mobilenet_table8",
+        notes=("The paper also lists GoogleNet 69.8% / 1550M / 6.8M and VGG 16 71.5% / 15300M / 138M "
+               "(not in the zoo).",)),
+    PaperTable(
+        "mobilenet_table9", "Smaller MobileNet comparison to popular models (ImageNet top-1 accuracy, %).",
+        f"{MOBILENET}, Table 9", "imagenet", "val", "center", ("top1_acc",),
+        (PaperRow("0.50 MobileNet-160", "mobilenet_v1", {"width_mult": 0.5}, 160,
+                  {"top1_acc": 60.2, "madds_m": 76, "params_m": 1.32}, select={"row": "mobilenet_0.5_160"}),),
+        "mobilenet_table9",
+        notes=("The paper also lists Squeezenet 57.5% / 1700M / 1.25M and AlexNet 57.2% / 720M / 60M "
+               "(not in the zoo).",)),
+    PaperTable(
+        "mobilenet_grid", "The 16 MobileNets of width alpha x resolution rho (Figs. 4 and 5; ImageNet top-1 "
+        "accuracy, %); the paper prints figures for 7 of them (Tables 6 and 7).",
+        f"{MOBILENET}, Figs. 4-5 and Tables 6-7; second reference: {SLIM}", "imagenet", "val", "center",
+        ("top1_acc", "top5_acc"), _grid_v1(), "mobilenet_grid", ref_name=SLIM,
+        notes=("TF-slim's 0.75 row counts ~2.5% fewer mult-adds than the paper's Table 6 and ours, and its 0.25-192 "
+               "(34M) is out of line with its neighbours; TF-slim classifies 1001 classes (background first).",)),
+    PaperTable(
+        "mobilenetv2_table4", "Performance on ImageNet (top-1 accuracy, %) for different networks.",
+        f"{MOBILENETV2}, Table 4", "imagenet", "val", "center", ("top1_acc",),
+        (PaperRow("MobileNetV1", "mobilenet_v1", {}, 224, {"top1_acc": 70.6, "madds_m": 575, "params_m": 4.2},
+                  select={"experiment": "mobilenet_table8", "row": "mobilenet_1.0_224"},
+                  note="this table prints 575M mult-adds for the model MobileNet's own Table 8 gives 569M"),
+         PaperRow("MobileNetV2", "mobilenet_v2", {}, 224, {"top1_acc": 72.0, "madds_m": 300, "params_m": 3.4},
+                  select={"row": "mobilenetv2_1.0_224"}),
+         PaperRow("MobileNetV2 (1.4)", "mobilenet_v2", {"width_mult": 1.4}, 224,
+                  {"top1_acc": 74.7, "madds_m": 585, "params_m": 6.9}, select={"row": "mobilenetv2_1.4_224"},
+                  note="TF-slim's release of this model counts 582M / 6.06M, as we do")),
+        "mobilenetv2_table4",
+        notes=("The paper also lists ShuffleNet (1.5) 71.5% / 292M / 3.4M, ShuffleNet (x2) 73.7% / 524M / 5.4M and "
+               "NasNet-A 74.0% / 564M / 5.3M (not in the zoo).",)),
+    PaperTable(
+        "mobilenetv2_grid", "MobileNetV2 width multipliers x resolutions (ImageNet top-1 / top-5 accuracy, %).",
+        f"{MOBILENETV2}, Table 4 and §6.1; second reference: {SLIM}", "imagenet", "val", "center",
+        ("top1_acc", "top5_acc"), _grid_v2(), "mobilenetv2_grid", ref_name=SLIM,
+        notes=("TF-slim counts parameters as conv and fc weights, as we do for MobileNets.",)),
+)

@@ -222,8 +222,21 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def kept_checkpoint(run: Run) -> str:
+    """What a failed run leaves to resume from, for its error message."""
+    path = run.out / "checkpoints" / "last.pt"
+    if path.is_file():
+        return f"The last good checkpoint is kept at {path}"
+    return "No checkpoint was written yet"
+
+
 def save(run: Run, name: str) -> None:
-    """Write checkpoints/<name>.pt from rank 0."""
+    """Write checkpoints/<name>.pt from rank 0, never with non-finite weights (every rank checks them)."""
+    state = run.raw.state_dict()
+    floats = [v for v in state.values() if v.is_floating_point()]
+    if floats and not bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
+        raise NonFiniteLoss(f"the training loss diverged: the weights are not finite at step {run.progress.step}; "
+                            f"stopping. {kept_checkpoint(run)}; lower the lr or check the data")
     if run.dist.is_main:
         save_atomic(checkpoint(run), run.out / "checkpoints" / f"{name}.pt")
 
@@ -234,13 +247,23 @@ def resume(run: Run) -> bool:
     if not path.is_file():
         return False
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    if ck["config"]["model"]["name"] != run.cfg.model.name:
-        raise ValueError(f"{path} holds a {ck['config']['model']['name']} run but model={run.cfg.model.name}; "
+    saved, current = ck["config"]["model"], OmegaConf.to_container(run.cfg.model, resolve=True)
+    if saved["name"] != current["name"]:
+        raise ValueError(f"{path} holds a {saved['name']} run but model={current['name']}; "
+                         f"resume with the same config or pick a new name=")
+    changed = [f"model.{k}={saved.get(k)!r} there, {current.get(k)!r} here" for k in sorted({*saved, *current})
+               if saved.get(k) != current.get(k)]
+    if changed:
+        raise ValueError(f"{path} holds a {saved['name']} run with other settings ({'; '.join(changed)}); "
                          f"resume with the same config or pick a new name=")
     run.raw.load_state_dict(ck["model"])
     if run.ema is not None and ck["ema"] is not None:
         run.ema.module.load_state_dict(ck["ema"])
-    run.optimizer.load_state_dict(ck["optimizer"])
+    try:
+        run.optimizer.load_state_dict(ck["optimizer"])
+    except ValueError as e:
+        raise ValueError(f"{path} holds a run with another optimizer ({e}); resume with the same recipe or pick "
+                         f"a new name=") from None
     run.schedule.load_state_dict(ck["schedule"])
     run.scaler.load_state_dict(ck["scaler"])
     set_rng_state(ck["rng"])
@@ -307,9 +330,8 @@ def train_one_epoch(run: Run) -> None:
         if at_log or at_save or dev.type == "cpu":
             mean_loss = float(loss_sum) / max(1, micro)
             if not math.isfinite(mean_loss):
-                raise NonFiniteLoss(f"the training loss is {mean_loss} at step {p.step} (lr {lr:g}); stopping. The "
-                                    f"last good checkpoint is kept at {run.out / 'checkpoints' / 'last.pt'}; lower "
-                                    f"the lr or check the data")
+                raise NonFiniteLoss(f"the training loss is {mean_loss} at step {p.step} (lr {lr:g}); stopping. "
+                                    f"{kept_checkpoint(run)}; lower the lr or check the data")
             if at_log:
                 err = 100.0 * float(wrong) / max(1, seen)
                 rate = seen * run.dist.world_size / (time.perf_counter() - t0)
@@ -343,17 +365,12 @@ class _null:
         return None
 
 
-def _set_transform(ds: Any, transform: Any) -> None:
-    """Give a dataset (or the dataset under a Subset) new per-image views."""
-    (ds.base if isinstance(ds, Subset) else ds).transform = transform
-
-
 def validate(run: Run, split: str = "val", protocols: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Top-1/top-5 error of the model (and of its weight average) on a held-out split, center view by default."""
     ds = run.data.val if split == "val" else run.data.test
     protocols = protocols or ["center"]
     resize, crop = run.data.eval_size
-    _set_transform(ds, EvalViews(protocols, resize=resize, crop=crop))
+    ds.transform = EvalViews(protocols, resize=resize, crop=crop)
     loader = DataLoader(ds, batch_size=run.cfg.data.batch_size, num_workers=0 if isinstance(ds, ImageTensors)
                         else run.cfg.data.num_workers, sampler=ShardSampler(len(ds), run.dist.rank,
                         run.dist.world_size), collate_fn=collate, pin_memory=run.device.type == "cuda")
@@ -526,7 +543,13 @@ def _train(cfg: DictConfig) -> None:
         run = setup(cfg, d, device, out)
     except (ValueError, DataError) as e:
         fail(str(e))
-    if cfg.resume == "auto" and resume(run):
+    try:
+        resumed = cfg.resume == "auto" and resume(run)
+    except ValueError as e:  # another run's checkpoint (model, optimizer groups) under this name
+        if run.writer is not None:
+            run.writer.close()
+        fail(str(e))
+    if resumed:
         log.info("resumed %s at step %d (epoch %d, batch %d)", out, run.progress.step, run.progress.epoch,
                  run.progress.batch)
     if d.is_main:

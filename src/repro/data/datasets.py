@@ -174,7 +174,22 @@ def _cifar_arrays(root: Path, name: str, train: bool, download: bool) -> tuple[t
 
 
 def build_dataset(cfg: Any, split: str, transform: Callable[..., Any] | None = None) -> Dataset:
-    """The dataset `cfg.name` (imagenet|folder|cifar10|cifar100|synthetic|digits) for `split`, with `transform`."""
+    """The dataset `cfg.name` (imagenet|folder|cifar10|cifar100|synthetic|digits) for `split`, with `transform`.
+
+    With `cfg.limit`, a seeded sample of at most that many images (in their original order).
+    """
+    ds = _build(cfg, split, transform)
+    limit = getattr(cfg, "limit", None)
+    if limit is not None and limit < len(ds):
+        if limit < 1:
+            raise DataError(f"data.limit={limit} is not valid; give a positive number of images (or null)")
+        keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+        ds = Subset(ds, keep.tolist())
+    return ds
+
+
+def _build(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Dataset:
+    """build_dataset without the limit."""
     name = cfg.name
     if name not in DATASETS:
         raise DataError(f"data={name!r} is not valid; choose one of {list(DATASETS)}")
@@ -238,7 +253,12 @@ class Subset(Dataset):
 
     @property
     def transform(self) -> Callable[..., Any] | None:
+        """The transform of the underlying dataset."""
         return self.base.transform
+
+    @transform.setter
+    def transform(self, value: Callable[..., Any] | None) -> None:
+        self.base.transform = value
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -1,4 +1,4 @@
-"""The command-line apps: configs compose and are checked, repro-summary prints and saves, placeholders refuse."""
+"""The command-line apps: configs compose and are checked, repro-summary prints and saves."""
 
 from __future__ import annotations
 
@@ -112,14 +112,6 @@ def test_summary_bad_input_clear_message(tmp_path, args, message):
     assert res.returncode != 0
     assert message in res.stderr
     assert "Traceback" not in res.stderr
-
-
-@pytest.mark.parametrize("app", ["repro-tables"])
-def test_placeholder_apps_refuse_to_pretend(tmp_path, app):
-    """Commands whose issue has not landed say so and exit non-zero."""
-    res = run(app, cwd=tmp_path)
-    assert res.returncode == 2
-    assert "not implemented yet" in res.stderr
 
 
 def test_module_entry_point(tmp_path):

@@ -296,13 +296,6 @@ class SummaryConfig:
 
 
 @dataclass
-class PlaceholderConfig:
-    """Apps whose issue has not landed yet accept a model and any later keys are refused."""
-
-    model: Any = MISSING
-
-
-@dataclass
 class TablesConfig:
     """`repro-tables`: the papers' tables and figures from run directories."""
 
@@ -327,4 +320,3 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="summary_schema", node=SummaryConfig)
     cs.store(name="tables_schema", node=TablesConfig)
-    cs.store(name="placeholder_schema", node=PlaceholderConfig)

@@ -1,0 +1,255 @@
+"""The papers' figures from runs (matplotlib, PNG): ResNet Figs. 4, 6, 7 and MobileNet Figs. 4, 5.
+
+A figure whose runs do not exist yet is drawn with the paper's points only and says so on the plot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+from repro.reference import RESULT_TABLES, PaperRow, PaperTable
+from repro.results import RunRecord, TableResult, matches
+
+log = logging.getLogger(__name__)
+
+TABLES = {t.id: t for t in RESULT_TABLES}
+NO_RUNS = "no runs yet: paper figures only"
+
+
+def _plt() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------------------------------------- curves
+
+
+def val_curve(run: RunRecord) -> tuple[list[int], list[float]]:
+    """(steps, center-crop top-1 error %) after each evaluation, from metrics.jsonl."""
+    path = run.path / "metrics.jsonl"
+    steps, errs = [], []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                steps.append(int(rec["step"]))
+                errs.append(float(rec["val"]["center"]["top1_err"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a killed run
+    return steps, errs
+
+
+def train_curve(run: RunRecord) -> tuple[list[int], list[float]]:
+    """(steps, training error %) as logged to TensorBoard (`tb/`, scalar `train/err`)."""
+    tb = run.path / "tb"
+    if not tb.is_dir():
+        return [], []
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "train/err" not in acc.Tags().get("scalars", []):
+        return [], []
+    events = acc.Scalars("train/err")
+    return [e.step for e in events], [e.value for e in events]
+
+
+def _runs_for(runs: list[RunRecord], table: PaperTable, row: PaperRow) -> list[RunRecord]:
+    """Training runs of a row (finished or not) that have a curve to draw."""
+    return [r for r in runs if r.kind == "train" and matches(r, table, row)
+            and ((r.path / "metrics.jsonl").is_file() or (r.path / "tb").is_dir())]
+
+
+def _curve_panel(ax: Any, runs: list[RunRecord], table: PaperTable, rows: list[PaperRow],
+                 paper: dict[str, float], title: str, iterations: float) -> int:
+    """Thin training error and bold validation error per row; the paper's final errors dashed. Runs drawn."""
+    plt = _plt()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn = 0
+    for i, row in enumerate(rows):
+        color = colors[i % len(colors)]
+        labelled = False
+        for run in _runs_for(runs, table, row):
+            (ts, te), (vs, ve) = train_curve(run), val_curve(run)
+            if ts:
+                ax.plot([s / 1e4 for s in ts], te, color=color, linewidth=0.6, alpha=0.8)
+            if vs:
+                ax.plot([s / 1e4 for s in vs], ve, color=color, linewidth=2.0, label=None if labelled else row.label)
+                labelled = True
+            drawn += bool(ts or vs)
+        if row.label in paper:
+            ax.axhline(paper[row.label], color=color, linestyle="--", linewidth=0.8,
+                       label=f"{row.label} paper {paper[row.label]:.2f}")
+    ax.set_title(title)
+    ax.set_xlabel("iterations (1e4)")
+    ax.set_ylabel("error (%)")
+    if not drawn:
+        ax.set_xlim(0, iterations / 1e4)  # the paper's training length
+        ax.text(0.5, 0.5, NO_RUNS, transform=ax.transAxes, ha="center", va="center", color="gray")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    return drawn
+
+
+def resnet_fig4(runs: list[RunRecord], path: Path) -> int:
+    """ResNet Fig. 4: ImageNet plain-18/34 (left) and ResNet-18/34 (right), thin train, bold val error."""
+    plt = _plt()
+    table = TABLES["resnet_table2"]
+    rows = {r.label: r for r in table.rows}
+    paper = {r.label: r.paper["top1_err"] for r in table.rows}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    drawn = _curve_panel(axes[0], runs, table, [rows["plain-18"], rows["plain-34"]], paper, "plain networks",
+                         60e4)
+    drawn += _curve_panel(axes[1], runs, table, [rows["ResNet-18"], rows["ResNet-34"]], paper, "ResNets (option A)",
+                          60e4)
+    fig.suptitle("ResNet Fig. 4: ImageNet training (thin) and center-crop validation (bold) error; "
+                 "dashed: paper's 10-crop Table 2", fontsize=9)
+    return _save(fig, path, drawn)
+
+
+def resnet_fig6(runs: list[RunRecord], path: Path) -> int:
+    """ResNet Fig. 6: CIFAR-10 plain-20...56, ResNet-20...110, ResNet-110 vs 1202; thin train, bold test error."""
+    plt = _plt()
+    table = TABLES["resnet_table6"]
+    resnets = {r.model: r for r in table.rows}
+    plains = [PaperRow(f"plain-{n}", f"plain{n}") for n in (20, 32, 44, 56)]
+    paper = {r.label: r.paper["top1_err"] for r in table.rows}
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    drawn = _curve_panel(axes[0], runs, table, plains, paper, "plain networks", 64e3)
+    drawn += _curve_panel(axes[1], runs, table, [resnets[f"resnet{n}"] for n in (20, 32, 44, 56, 110)], paper,
+                          "ResNets", 64e3)
+    drawn += _curve_panel(axes[2], runs, table, [resnets["resnet110"], resnets["resnet1202"]], paper,
+                          "ResNet-110 vs 1202", 64e3)
+    for ax in axes:
+        ax.set_ylim(0, 20)
+    fig.suptitle("ResNet Fig. 6: CIFAR-10 training (thin) and validation (bold) error; dashed: paper's Table 6 "
+                 "test error", fontsize=9)
+    return _save(fig, path, drawn)
+
+
+FIG7_MODELS = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")
+
+
+def fig7_checkpoints(runs: list[RunRecord]) -> dict[str, Path]:
+    """One CIFAR-10 checkpoint per Fig. 7 model (option A, the newest finished run's last.pt)."""
+    table = TABLES["resnet_table6"]
+    found: dict[str, Path] = {}
+    for run in sorted(runs, key=lambda r: str(r.path)):
+        name = run.model.get("name")
+        ck = run.path / "checkpoints" / "last.pt"
+        if run.kind != "train" or run.metrics is None or name not in FIG7_MODELS or not ck.is_file():
+            continue
+        if matches(run, table, PaperRow(name, name)):
+            found[name] = ck
+    return found
+
+
+def resnet_fig7(runs: list[RunRecord], path: Path, max_images: int = 1000,
+                stds: dict[str, list[float]] | None = None) -> int:
+    """ResNet Fig. 7: std of each 3x3 layer's response (after BN, before ReLU), network order and sorted."""
+    plt = _plt()
+    if stds is None:
+        stds = {}
+        for name, ck in fig7_checkpoints(runs).items():
+            from repro.analysis import checkpoint_response_stds
+
+            try:
+                stds[name] = checkpoint_response_stds(ck, max_images=max_images)["std"]
+            except ValueError as e:  # its data is not on this machine, say: draw the others
+                log.warning("Fig. 7: skipping %s (%s)", ck, e)
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6))
+    for name in FIG7_MODELS:
+        if name in stds:
+            label = name.replace("resnet", "ResNet-").replace("plain", "plain-")
+            axes[0].plot(range(1, len(stds[name]) + 1), stds[name], linewidth=1, label=label)
+            axes[1].plot(range(1, len(stds[name]) + 1), sorted(stds[name], reverse=True), linewidth=1, label=label)
+    axes[0].set_xlabel("layer index (original)")
+    axes[1].set_xlabel("layer index (sorted by magnitude)")
+    for ax in axes:
+        ax.set_ylabel("std")
+        if stds:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no runs yet (the paper prints no numbers for this figure)", transform=ax.transAxes,
+                    ha="center", va="center", color="gray")
+    fig.suptitle("ResNet Fig. 7: std of layer responses on CIFAR-10 (after BN, before ReLU)", fontsize=9)
+    return _save(fig, path, len(stds))
+
+
+def _mobilenet_points(result: TableResult, x: str) -> tuple[list, list, list, list]:
+    """(paper, TF-slim, ours, our std) points (x, top-1 acc, label) of the grid for x = madds_m | params_m."""
+    paper, slim, ours, std = [], [], [], []
+    for r in result.rows:
+        row = r.row
+        if "top1_acc" in row.paper and x in row.paper:
+            paper.append((row.paper[x], row.paper["top1_acc"], row.label))
+        if "top1_acc" in row.ref and x in row.ref:
+            slim.append((row.ref[x], row.ref["top1_acc"], row.label))
+        values = r.ours["top1_acc"]
+        if values:
+            ours.append((r.madds_m if x == "madds_m" else r.params_m, statistics.fmean(values), row.label))
+            std.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+    return paper, slim, ours, std
+
+
+def mobilenet_fig(result: TableResult, path: Path, x: str) -> int:
+    """MobileNet Fig. 4 (x = madds_m, log scale) or Fig. 5 (x = params_m): top-1 accuracy of the 16 models."""
+    plt = _plt()
+    paper, slim, ours, std = _mobilenet_points(result, x)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    if paper:
+        ax.scatter([p[0] for p in paper], [p[1] for p in paper], marker="o", color="black", label="paper (Tables 6-7)")
+    if slim:
+        ax.scatter([p[0] for p in slim], [p[1] for p in slim], marker="x", color="gray", label="TF-slim release")
+    if ours:
+        ax.errorbar([p[0] for p in ours], [p[1] for p in ours], yerr=std, fmt="s", color="tab:red", label="ours")
+        for p in ours:
+            ax.annotate(p[2].replace(" MobileNet", ""), (p[0], p[1]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    else:
+        ax.text(0.5, 0.08, NO_RUNS, transform=ax.transAxes, ha="center", color="gray")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.set_xticks([10, 20, 50, 100, 200, 500] if x == "madds_m" else [0.5, 1, 2, 4])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("million mult-adds (log scale)" if x == "madds_m" else "million parameters (log scale)")
+    ax.set_ylabel("ImageNet top-1 accuracy (%)")
+    fig_no = 4 if x == "madds_m" else 5
+    ax.set_title(f"MobileNet Fig. {fig_no}: accuracy vs {'mult-adds' if fig_no == 4 else 'parameters'}, "
+                 "width {1, 0.75, 0.5, 0.25} x resolution {224, 192, 160, 128}", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path, len(ours))
+
+
+def _save(fig: Any, path: Path, drawn: int) -> int:
+    """Write the figure as PNG and close it; returns how many runs it draws."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return drawn
+
+
+def write_figures(results: list[TableResult], runs: list[RunRecord], out: Path, fig7_images: int = 1000
+                  ) -> dict[str, int]:
+    """Every figure under `out/figures/`: file name -> how many runs (models for Fig. 7) it draws."""
+    grid = next((r for r in results if r.id == "mobilenet_grid"), None)
+    figs = out / "figures"
+    drawn = {"resnet_fig4.png": resnet_fig4(runs, figs / "resnet_fig4.png"),
+             "resnet_fig6.png": resnet_fig6(runs, figs / "resnet_fig6.png"),
+             "resnet_fig7.png": resnet_fig7(runs, figs / "resnet_fig7.png", fig7_images)}
+    if grid is not None:
+        drawn["mobilenet_fig4.png"] = mobilenet_fig(grid, figs / "mobilenet_fig4.png", "madds_m")
+        drawn["mobilenet_fig5.png"] = mobilenet_fig(grid, figs / "mobilenet_fig5.png", "params_m")
+    return drawn

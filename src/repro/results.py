@@ -1,0 +1,586 @@
+"""The papers' result tables with our runs beside them: run discovery, row matching, `<id>.md` / `<id>.csv`.
+
+A run is a directory written by `repro-train` (metrics.json at the end, metrics.jsonl and tb/ while it trains)
+or by `repro-eval` (metrics.json). A run fills a paper row when its dataset, split, model and model options
+are the row's (implementation details listed in `MATCH_IGNORES` aside), it used the whole split (no
+`data.limit`), and it measured the table's protocol.
+Compute columns (mult-adds, parameters) come from the models themselves, so they are filled with no runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from glob import glob
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from repro.cli import CONFIG_DIR
+from repro.complexity import summarize
+from repro.models import create_model_from_config
+from repro.reference import RESULT_TABLES, PaperRow, PaperTable
+
+log = logging.getLogger(__name__)
+
+# Model-config keys that do not change which paper row a model is: the class count follows the dataset,
+# zero-init / dropout / activation are recipe details, the zero-padding placement of option A and the stride
+# placement of bottlenecks are how published reproductions differ from the authors' code for the same row.
+MATCH_IGNORES = frozenset({"num_classes", "zero_init_residual", "dropout", "activation", "shortcut_pad",
+                           "stride_in_1x1"})
+MISSING = "—"
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class RunRecord:
+    """One run directory: its resolved config, its final metrics (None while it trains) and what it is."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any] | None
+    kind: str  # train | eval
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """The run's model config."""
+        return self.config["model"]
+
+    @property
+    def dataset(self) -> str:
+        """The `data` config's name (imagenet, cifar10, ...)."""
+        return self.config["data"].get("name", "")
+
+    @property
+    def split(self) -> str | None:
+        """The split its final metrics were measured on."""
+        if self.kind == "eval":
+            return self.config["data"].get("split")
+        if self.metrics and "split" in self.metrics:
+            return self.metrics["split"]
+        return self.config.get("test_split") or self.config.get("val_split")
+
+    @property
+    def weights_format(self) -> str:
+        """repro for our own checkpoints; the published format an eval run loaded otherwise."""
+        return (self.metrics or {}).get("weights", {}).get("format", "repro") if self.kind == "eval" else "repro"
+
+    @property
+    def source(self) -> Path:
+        """The training run these metrics come from (an eval run of a repro checkpoint points at its run dir)."""
+        if self.kind == "train":
+            return self.path.resolve()
+        weights = Path((self.metrics or {}).get("weights", {}).get("path", self.path))
+        parent = weights.parent
+        return (parent.parent if parent.name == "checkpoints" else weights).resolve()
+
+    def value(self, protocol: str, metric: str) -> float | None:
+        """Metric (top1_err, top5_err, top1_acc, top5_acc) under `protocol`, in %; None if not measured."""
+        measured = (self.metrics or {}).get(protocol)
+        if not isinstance(measured, dict):
+            return None
+        err = measured.get(metric.replace("_acc", "_err"))
+        if err is None:
+            return None
+        return 100.0 - float(err) if metric.endswith("_acc") else float(err)
+
+
+class RunsError(ValueError):
+    """A `runs=` argument that names nothing readable."""
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None (with a warning) when it is unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("skipping %s: not readable JSON (%s)", path, e)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def load_run(path: Path) -> RunRecord | None:
+    """The run in directory `path`, or None when it is not a training/eval run of a model on a dataset."""
+    metrics = _read_json(path / "metrics.json") if (path / "metrics.json").is_file() else None
+    config = (metrics or {}).get("config")
+    if config is None and (path / "config.yaml").is_file():
+        try:
+            config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False)
+        except Exception as e:  # a hand-edited or truncated file: say which and go on
+            log.warning("skipping %s: config.yaml is not readable (%s)", path, e)
+            return None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or not isinstance(
+            config.get("data"), dict) or "name" not in config["model"]:
+        return None
+    kind = "eval" if "weights" in config and "recipe" not in config else "train"
+    if metrics is None and kind == "eval":
+        return None
+    return RunRecord(path, config, metrics, kind)
+
+
+def _run_dirs(root: Path) -> Iterable[Path]:
+    """Directories under `root` (itself included) holding metrics.json or config.yaml."""
+    if (root / "metrics.json").is_file() or (root / "config.yaml").is_file():
+        yield root
+    for name in ("metrics.json", "config.yaml"):
+        for f in sorted(root.rglob(name)):
+            if f.parent != root and not (name == "config.yaml" and (f.parent / "metrics.json").is_file()):
+                yield f.parent
+
+
+def discover_runs(patterns: Iterable[str], strict: bool = True) -> list[RunRecord]:
+    """Every run under the given directories or glob patterns; a pattern matching nothing is an error if strict."""
+    seen: set[Path] = set()
+    runs: list[RunRecord] = []
+    for pattern in patterns:
+        matches = sorted(Path(p) for p in glob(str(pattern))) if any(c in str(pattern) for c in "*?[") else [
+            Path(pattern)]
+        matches = [m.parent if m.is_file() else m for m in matches if m.exists()]
+        if not matches:
+            if strict:
+                raise RunsError(f"runs={pattern}: no such directory or matching path; give the folder(s) that hold "
+                                f"run dirs, e.g. runs=multirun/train or runs='outputs/train/*'")
+            continue
+        for root in matches:
+            for d in _run_dirs(root):
+                key = d.resolve()
+                if key in seen:
+                    continue
+                seen.add(key)
+                run = load_run(d)
+                if run is not None:
+                    runs.append(run)
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+@cache
+def _model_defaults(name: str) -> dict[str, Any]:
+    """The `configs/model/<name>.yaml` keys and values (what a run of that model config carries)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "model" / f"{name}.yaml"))
+    cfg.pop("defaults", None)
+    return cfg
+
+
+def row_config(row: PaperRow) -> dict[str, Any]:
+    """The model config a run of this row carries: the model's config file with the row's options."""
+    cfg = {**_model_defaults(row.model), **row.kwargs}
+    if row.resolution is not None:
+        cfg["resolution"] = row.resolution
+    return cfg
+
+
+def matches(run: RunRecord, table: PaperTable, row: PaperRow) -> bool:
+    """Does the run measure this row of this table (dataset, split, model and options)?"""
+    if run.dataset != table.dataset or run.split != table.split:
+        return False
+    if run.config["data"].get("limit") is not None:  # a smoke test on a sample of the split, not the split
+        return False
+    want, have = row_config(row), run.model
+    if have.get("name") != want["name"]:
+        return False
+    return all(have.get(k) == v or _same_number(have.get(k), v) for k, v in want.items() if k not in MATCH_IGNORES)
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    """1 == 1.0 for options such as width_mult given as an int on the command line."""
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and float(a) == b
+
+
+@cache
+def complexity(model_json: str) -> tuple[float, float, float]:
+    """(million mult-adds, million parameters, million conv+fc weights) of a model config (JSON), on meta tensors."""
+    cfg = json.loads(model_json)
+    with torch.device("meta"):
+        s = summarize(create_model_from_config(cfg), cfg["resolution"])
+    weights = sum(v["params"] for v in s["by_type"].values())
+    return s["macs"] / 1e6, s["params"] / 1e6, weights / 1e6
+
+
+def row_complexity(table: PaperTable, row: PaperRow) -> tuple[float, float]:
+    """Our mult-adds and parameters (M) for a row, parameters counted as the table's paper counts them."""
+    macs, params, weights = complexity(json.dumps(row_config(row), sort_keys=True))
+    return macs, (weights if row.model.startswith("mobilenet") else params)
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+@dataclass
+class RowResult:
+    """One row of a generated table: the paper's figures, ours, and the runs behind ours."""
+
+    row: PaperRow
+    config: dict[str, Any]
+    ours: dict[str, list[float]]  # metric -> one value per run
+    madds_m: float
+    params_m: float
+    runs: list[RunRecord] = field(default_factory=list)
+
+
+@dataclass
+class TableResult:
+    """A generated table and the evaluations of published weights that matched its rows (kept apart)."""
+
+    table: PaperTable
+    rows: list[RowResult]
+    published: list[tuple[PaperRow, RunRecord]] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        """The table id (`resnet_table3`, ...)."""
+        return self.table.id
+
+    @property
+    def missing(self) -> list[PaperRow]:
+        """Rows with no run yet."""
+        return [r.row for r in self.rows if not r.runs]
+
+    def csv(self) -> str:
+        """`<id>.csv`."""
+        return table_csv(self)
+
+    def markdown(self) -> str:
+        """`<id>.md`."""
+        return table_markdown(self)
+
+
+def _pick_per_source(runs: list[RunRecord]) -> list[RunRecord]:
+    """One record per trained model: its training run's own metrics, else its newest evaluation."""
+    best: dict[Path, RunRecord] = {}
+    for run in sorted(runs, key=lambda r: (r.kind == "train", str(r.path))):
+        best[run.source] = run  # train records sort last, so they win; among evals the last path (newest) wins
+    return sorted(best.values(), key=lambda r: str(r.path))
+
+
+def build_table(table: PaperTable, runs: list[RunRecord]) -> TableResult:
+    """Match runs to the table's rows and compute its columns."""
+    result = TableResult(table, [])
+    for row in table.rows:
+        matched = [r for r in runs if r.metrics is not None and matches(r, table, row)
+                   and r.value(table.protocol, table.metrics[0]) is not None]
+        ours_runs = _pick_per_source([r for r in matched if r.weights_format == "repro"])
+        result.published += [(row, r) for r in matched if r.weights_format != "repro"]
+        ours = {m: [v for r in ours_runs if (v := r.value(table.protocol, m)) is not None] for m in table.metrics}
+        madds, params = row_complexity(table, row)
+        result.rows.append(RowResult(row, row_config(row), ours, madds, params, ours_runs))
+    return result
+
+
+def build_tables(runs: list[RunRecord], ids: Iterable[str] | None = None) -> list[TableResult]:
+    """Every result table (or those in `ids`) with the runs matched."""
+    wanted = set(ids) if ids is not None else None
+    return [build_table(t, runs) for t in RESULT_TABLES if wanted is None or t.id in wanted]
+
+
+def option_keys(table: PaperTable) -> list[str]:
+    """The option columns of a table: every model option one of its rows sets."""
+    keys: list[str] = []
+    for row in table.rows:
+        keys += [k for k in row.kwargs if k not in keys]
+    return keys
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for fewer than 2 values)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _has(table: PaperTable, where: str, metric: str) -> bool:
+    """Does any row print `metric` in `where` (paper or ref)?"""
+    return any(metric in getattr(row, where) for row in table.rows)
+
+
+def table_records(result: TableResult) -> list[dict[str, Any]]:
+    """The CSV rows: row, model, options, resolution, paper_/ours_/diff_ per metric, runs and their paths."""
+    table = result.table
+    records = []
+    for r in result.rows:
+        rec: dict[str, Any] = {"row": r.row.label, "model": r.row.model}
+        rec.update({k: r.config.get(k) for k in option_keys(table)})
+        rec["resolution"] = r.config["resolution"]
+        for m in table.metrics:
+            mean, std = _mean_std(r.ours[m])
+            paper = r.row.paper.get(m)
+            rec.update({f"paper_{m}": paper, f"ours_{m}": mean, f"ours_{m}_std": std,
+                        f"diff_{m}": None if mean is None or paper is None else mean - paper})
+            if _has(table, "ref", m):
+                rec[f"ref_{m}"] = r.row.ref.get(m)
+        for m, ours in (("madds_m", r.madds_m), ("params_m", r.params_m)):
+            paper = r.row.paper.get(m)
+            rec.update({f"paper_{m}": paper, f"ours_{m}": ours, f"diff_{m}": None if paper is None else ours - paper})
+            if _has(table, "ref", m):
+                rec[f"ref_{m}"] = r.row.ref.get(m)
+        rec["runs"] = len(r.runs)
+        rec["run"] = ";".join(str(run.path) for run in r.runs)
+        rec["note"] = r.row.note
+        records.append(rec)
+    return records
+
+
+def _csv_value(v: Any) -> Any:
+    """Floats rounded to 4 decimals, None as an empty cell."""
+    if v is None:
+        return ""
+    return round(v, 4) if isinstance(v, float) else v
+
+
+def table_csv(result: TableResult) -> str:
+    """`<id>.csv`."""
+    records = table_records(result)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _csv_value(v) for k, v in rec.items()} for rec in records)
+    return buf.getvalue()
+
+
+METRIC_NAMES = {"top1_err": "top-1 err", "top5_err": "top-5 err", "top1_acc": "top-1 acc", "top5_acc": "top-5 acc",
+                "madds_m": "mult-adds (M)", "params_m": "params (M)"}
+PROTOCOL_NAMES = {"center": "single center crop", "ten_crop": "10-crop", "multi_scale": "multi-scale (fully conv)"}
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    """A number for the markdown table, `—` when missing."""
+    return MISSING if v is None else f"{round(v, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.00"
+
+
+def _fmt_option(v: Any) -> str:
+    """An option value for the markdown table."""
+    return "" if v is None else str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def table_markdown(result: TableResult) -> str:
+    """`<id>.md`: caption, source, the table (paper beside ours), notes and how to fill missing rows."""
+    table = result.table
+    opts = option_keys(table)
+    head = ["model", *opts, "res"]
+    for m in table.metrics:
+        head += [f"{METRIC_NAMES[m]} paper", "ours", "Δ"] + (["ref"] if _has(table, "ref", m) else [])
+    head += ["mult-adds (M) paper", "ours", "params (M) paper", "ours", "runs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "--:" for i in range(len(head))) + "|"]
+    for r, rec in zip(result.rows, table_records(result)):
+        cells = [r.row.label, *(_fmt_option(rec[k]) for k in opts), str(rec["resolution"])]
+        for m in table.metrics:
+            mean, std = rec[f"ours_{m}"], rec[f"ours_{m}_std"]
+            ours = _fmt(mean) + (f" ± {std:.2f}" if std is not None else "")
+            cells += [_fmt(rec[f"paper_{m}"]), ours, _fmt(rec[f"diff_{m}"])]
+            if _has(table, "ref", m):
+                cells.append(_fmt(rec[f"ref_{m}"]))
+        cells += [_fmt(rec["paper_madds_m"], 0) if rec["paper_madds_m"] is None or rec["paper_madds_m"] >= 100
+                  else _fmt(rec["paper_madds_m"], 1), f"{r.madds_m:.1f}",
+                  _fmt(rec["paper_params_m"]), f"{r.params_m:.2f}", str(rec["runs"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    out = [f"## `{table.id}`: {table.caption}", "", f"Source: {table.source}. Measured on {table.dataset} "
+           f"{table.split}, {PROTOCOL_NAMES[table.protocol]} testing. Δ = ours − paper.", "", *lines, ""]
+    notes = list(table.notes) + [f"{r.row.label}: {r.row.note}." for r in result.rows if r.row.note]
+    if table.ref_name:
+        notes.append(f"ref = {table.ref_name}.")
+    params = "conv and fc weights (as MobileNet Table 2 counts)" if table.rows[0].model.startswith(
+        "mobilenet") else "all learnable parameters"
+    notes.append(f"Our mult-adds and parameters are counted from the models (parameters: {params}); "
+                 f"ours ± is the standard deviation over runs (runs = how many).")
+    for row, run in result.published:
+        vals = ", ".join(f"{METRIC_NAMES[m]} {_fmt(run.value(table.protocol, m))}" for m in table.metrics)
+        notes.append(f"Published weights ({run.weights_format}) evaluated as {row.label}: {vals} ({run.path}).")
+    out += [f"- {n}" for n in notes] + [""]
+    commands = reproduce_commands(result)
+    if commands:
+        what = "all rows" if len(result.missing) == len(table.rows) else ", ".join(r.label for r in result.missing)
+        out += [f"Missing ({what}): reproduce with", "", "```bash", *commands, "```", ""]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+DATA_ROOTS = {"imagenet": "/path/to/imagenet", "cifar10": "/path/to/cifar10"}
+
+
+@cache
+def _sweep_params(experiment: str) -> dict[str, list[str]]:
+    """The sweep of `configs/experiment/<experiment>.yaml`: key -> values as written."""
+    cfg = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml")
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default={}) or {}
+    return {k: [v.strip() for v in str(vals).split(",")] for k, vals in params.items()}
+
+
+def _covered(experiment: str, select: dict[str, Any]) -> bool:
+    """Does the experiment's own sweep run the row that `select` picks?"""
+    sweep = _sweep_params(experiment)
+    return all(k in sweep and any(_same_value(v, s) for s in sweep[k]) for k, v in select.items())
+
+
+def _same_value(value: Any, written: str) -> bool:
+    """A sweep value as written in YAML against a row's select value (0.75 vs '0.75', 1.0 vs '1.0')."""
+    try:
+        return float(written) == float(value)
+    except (TypeError, ValueError):
+        return str(value) == written
+
+
+def reproduce_commands(result: TableResult) -> list[str]:
+    """`repro-train -m experiment=...` commands that train exactly the table's missing rows."""
+    table = result.table
+    missing = result.missing
+    if not missing:
+        return []
+    root = f"data.root={DATA_ROOTS.get(table.dataset, '/path/to/data')}"
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in missing:
+        select = dict(row.select)
+        groups.setdefault(select.pop("experiment", table.experiment), []).append(select)
+    commands = []
+    for experiment, selects in groups.items():
+        covered = [s for s in selects if _covered(experiment, s)]
+        rest = [s for s in selects if not _covered(experiment, s)]
+        n_swept = 1
+        for values in _sweep_params(experiment).values():
+            n_swept *= len(values)
+        if covered and len(covered) == n_swept:  # every job of the experiment's sweep is missing
+            commands.append(f"repro-train -m experiment={experiment} {root}")
+        elif covered and all(set(s) == {"row"} for s in covered):
+            commands.append(f"repro-train -m experiment={experiment} row={','.join(s['row'] for s in covered)} {root}")
+        else:
+            rest = covered + rest
+        for s in rest:
+            overrides = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items())
+            commands.append(f"repro-train -m experiment={experiment} {overrides} {root}")
+    if table.protocol == "multi_scale" and not any("multi_scale" in _final_protocols(e) for e in groups):
+        commands.append("# then: repro-eval weights.path=<run dir>/checkpoints/last.pt eval.protocols=[multi_scale]")
+    return commands
+
+
+@cache
+def _final_protocols(experiment: str) -> tuple[str, ...]:
+    """The protocols an experiment's runs measure at the end."""
+    cfg = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml")
+    return tuple(cfg.get("final_protocols", ["center"]))
+
+
+# ------------------------------------------------------------------------------------------------ pages
+
+
+def status_lines(pages: list[Any], prefix: str = "") -> list[str]:
+    """A one-line-per-table summary: rows with runs, and ours − paper on the primary metric where measured."""
+    lines = ["| table | source | what | rows with runs | ours − paper (primary metric) |", "|---|---|---|--:|---|"]
+    for page in pages:
+        link = f"[`{page.id}`]({prefix}{page.id}.md)"
+        if isinstance(page, ComputeTable):
+            lines.append(f"| {link} | {page.source} | {page.caption.rstrip('.')} | computed | "
+                         "counted from the models; no runs needed |")
+            continue
+        t = page.table
+        m = t.metrics[0]
+        done = sum(1 for r in page.rows if r.runs)
+        diffs = [f"{r.row.label} {statistics.fmean(r.ours[m]) - r.row.paper[m]:+.2f}"
+                 for r in page.rows if r.ours[m] and m in r.row.paper]
+        lines.append(f"| {link} | {t.source.split(';')[0].split(' (')[0]} | {t.caption.rstrip('.')} | "
+                     f"{done}/{len(t.rows)} | {', '.join(diffs) or MISSING} |")
+    return lines
+
+
+def results_page(pages: list[Any], extra: list[str] | None = None) -> str:
+    """RESULTS.md: a status summary, then every table with how to reproduce its missing rows."""
+    out = ["# Results: the papers' tables, paper beside ours", "",
+           "Generated by `repro-tables`; do not edit by hand. Accuracy columns show `—` until a run of the row exists;",
+           "mult-adds and parameters are counted from our models.", "", *status_lines(pages), ""]
+    out += extra or []
+    for page in pages:
+        out += [page.markdown(), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------------------ compute-only tables
+
+
+@dataclass
+class ComputeTable:
+    """A table every column of which is counted from the models (MobileNet Tables 2 and 3)."""
+
+    id: str
+    caption: str
+    source: str
+    records: list[dict[str, Any]]
+    notes: list[str]
+    missing: list[PaperRow] = field(default_factory=list)  # nothing to train
+
+    def csv(self) -> str:
+        """`<id>.csv`."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(self.records[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: _csv_value(v) for k, v in rec.items()} for rec in self.records)
+        return buf.getvalue()
+
+    def markdown(self) -> str:
+        """`<id>.md`: every column, paper beside ours."""
+        keys = [k for k in self.records[0] if k != "note"]
+        lines = ["| " + " | ".join(keys) + " |", "|---" + "|--:" * (len(keys) - 1) + "|"]
+        for rec in self.records:
+            lines.append("| " + " | ".join(_fmt(v) if isinstance(v, float) or v is None else str(v)
+                                           for v in (rec[k] for k in keys)) + " |")
+        notes = self.notes + [f"{rec['row']}: {rec['note']}." for rec in self.records if rec.get("note")]
+        return "\n".join([f"## `{self.id}`: {self.caption}", "", f"Source: {self.source}. No training needed: "
+                          "every figure is counted from the models.", "", *lines, "", *(f"- {n}" for n in notes), ""])
+
+
+def mobilenet_table2() -> ComputeTable:
+    """MobileNet Table 2: share of mult-adds and of parameters by layer type, 1.0 MobileNet-224."""
+    from repro.reference import MOBILENET, MOBILENET_TABLE2, MOBILENET_TABLE2_MISPRINTS
+
+    with torch.device("meta"):
+        s = summarize(create_model_from_config(_model_defaults("mobilenet_v1")), 224)
+    total_macs = sum(v["macs"] for v in s["by_type"].values())
+    total_w = sum(v["params"] for v in s["by_type"].values())
+    names = {"conv1x1": "Conv 1x1", "conv3x3_dw": "Conv DW 3x3", "conv3x3": "Conv 3x3", "fc": "Fully Connected"}
+    records = []
+    for kind, (pct_macs, pct_params) in MOBILENET_TABLE2.items():
+        ours_macs = 100 * s["by_type"][kind]["macs"] / total_macs
+        ours_params = 100 * s["by_type"][kind]["params"] / total_w
+        fixed = MOBILENET_TABLE2_MISPRINTS.get((kind, "madds"))
+        records.append({"row": names[kind], "model": "mobilenet_v1", "paper_madds_pct": pct_macs,
+                        "ours_madds_pct": ours_macs, "diff_madds_pct": ours_macs - pct_macs,
+                        "paper_params_pct": pct_params, "ours_params_pct": ours_params,
+                        "diff_params_pct": ours_params - pct_params,
+                        "note": f"the printed {pct_macs}% is a misprint of {fixed}% (digits swapped)" if fixed else ""})
+    return ComputeTable("mobilenet_table2", "Resource per layer type, 1.0 MobileNet-224 (% of mult-adds, % of "
+                        "parameters).", f"{MOBILENET}, Table 2", records,
+                        ["Parameters are conv and fc weights (no biases, no BN), as the paper counts them."])
+
+
+def mobilenet_table3() -> ComputeTable:
+    """MobileNet Table 3: one 14x14x512 layer as a full conv, separable, thinned (alpha) and shrunk (rho)."""
+    from repro.complexity import profile
+    from repro.models.mobilenet import ConvBNAct, depthwise_separable
+    from repro.reference import MOBILENET, MOBILENET_TABLE3
+
+    layers = {"Conv 3x3": (lambda: ConvBNAct(512, 512, 3), 512, 14),
+              "Depthwise Separable Conv": (lambda: depthwise_separable(512, 512, 1), 512, 14),
+              "alpha = 0.75": (lambda: depthwise_separable(384, 384, 1), 384, 14),
+              "rho = 0.714": (lambda: depthwise_separable(384, 384, 1), 384, 10)}
+    records = []
+    for label, (paper_macs, paper_params) in MOBILENET_TABLE3.items():
+        build, channels, size = layers[label]
+        with torch.device("meta"):
+            prof = profile(build(), size, channels)
+        macs, weights = sum(x.macs for x in prof) / 1e6, sum(x.weights for x in prof) / 1e6
+        records.append({"row": label, "model": f"{channels} channels at {size}x{size}", "paper_madds_m": paper_macs,
+                        "ours_madds_m": macs, "diff_madds_m": macs - paper_macs, "paper_params_m": paper_params,
+                        "ours_params_m": weights, "diff_params_m": weights - paper_params})
+    return ComputeTable("mobilenet_table3", "Resource usage for modifications to standard convolution: one "
+                        "14x14x512 layer, stride 1 (million mult-adds, million parameters).", f"{MOBILENET}, Table 3",
+                        records, ["rho = 0.714 is applied on top of alpha = 0.75 (384 channels at 10x10)."])

@@ -1,0 +1,420 @@
+"""repro-tables: runs matched to paper rows, CSV/markdown columns and numbers, reproduce commands, figures, CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from repro.cli import CONFIG_DIR
+from repro.config import register_configs
+from repro.reference import RESULT_TABLES
+from repro.results import (
+    MISSING,
+    build_table,
+    build_tables,
+    discover_runs,
+    matches,
+    mobilenet_table2,
+    mobilenet_table3,
+    reproduce_commands,
+    row_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = {t.id: t for t in RESULT_TABLES}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def compose_cfg(config: str, *overrides: str) -> dict:
+    """A resolved config as the command line would build it."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_container(compose(config, overrides=list(overrides)), resolve=True)
+
+
+def train_run(root: Path, name: str, overrides: list[str], errs: dict[str, tuple[float, float]],
+              val_curve: list[tuple[int, float]] = (), train_curve: list[tuple[int, float]] = (),
+              finished: bool = True) -> Path:
+    """A run dir as repro-train leaves it: config.yaml, metrics.json (final errors per protocol), curves."""
+    cfg = compose_cfg("train", "name=fab", *overrides)
+    out = root / name
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if finished:
+        metrics = {p: {"top1_err": t1, "top5_err": t5, "images": 50000} for p, (t1, t5) in errs.items()}
+        metrics.update(split=cfg["test_split"] or cfg["val_split"], best_val_top1_err=1.0, steps=100, config=cfg)
+        (out / "metrics.json").write_text(json.dumps(metrics))
+    with open(out / "metrics.jsonl", "w") as f:
+        for step, err in val_curve:
+            f.write(json.dumps({"epoch": 0, "step": step, "lr": 0.1, "val": {"center": {"top1_err": err}}}) + "\n")
+    if train_curve:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(out / "tb")) as w:
+            for step, err in train_curve:
+                w.add_scalar("train/err", err, step)
+    return out
+
+
+def eval_run(root: Path, name: str, overrides: list[str], errs: dict[str, tuple[float, float]],
+             weights: Path, fmt: str = "repro") -> Path:
+    """A run dir as repro-eval leaves it."""
+    cfg = compose_cfg("eval", f"weights.path={weights}", f"weights.format={fmt}", *overrides)
+    out = root / name
+    out.mkdir(parents=True)
+    metrics = {p: {"top1_err": t1, "top5_err": t5, "images": 10000} for p, (t1, t5) in errs.items()}
+    w = {"path": str(weights), "format": fmt, "sha256": "0" * 64}
+    (out / "metrics.json").write_text(json.dumps({**metrics, "weights": w, "config": cfg}))
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return out
+
+
+def csv_rows(text: str) -> dict[str, dict[str, str]]:
+    """A generated CSV by its `row` column."""
+    return {r["row"]: r for r in csv.DictReader(io.StringIO(text))}
+
+
+def unit(printed: float) -> float:
+    """One unit of the last printed digit (569 -> 1, 4.2 -> 0.1, 1.32 -> 0.01, 3.6e3 -> 100)."""
+    if printed >= 1000:
+        return 100.0
+    text = f"{printed:g}"
+    return 10.0 ** -len(text.split(".")[1]) if "." in text else 1.0
+
+
+CIFAR = ["data.root=/data/cifar10"]
+
+
+@pytest.fixture(scope="module")
+def cifar_runs(tmp_path_factory) -> Path:
+    """Runs of resnet_table6 rows: ResNet-20 x3 seeds, ResNet-56 x1 (+ its eval), and runs that must not count."""
+    root = tmp_path_factory.mktemp("runs")
+    exp = ["experiment=resnet_table6", *CIFAR]
+    for seed, err in zip((0, 1, 2), (8.0, 8.5, 9.0)):
+        train_run(root, f"r20_s{seed}", [*exp, "row=cifar_resnet20", f"seed={seed}"], {"center": (err, 0.5)},
+                  val_curve=[(100, 60.0), (200, 30.0)], train_curve=[(50, 80.0), (150, 40.0), (250, 20.0)])
+    r56 = train_run(root, "r56", [*exp, "row=cifar_resnet56"], {"center": (7.0, 0.3)})
+    # An evaluation of that run's checkpoint: the same trained model, so it must not count as a second run.
+    eval_run(root, "eval_r56", ["model=resnet56", "data=cifar10", *CIFAR, "data.split=test"], {"center": (7.2, 0.3)},
+             r56 / "checkpoints" / "last.pt")
+    # Runs that are not Table 6 rows: a plain net, option B, the 5k val split, a 500-image smoke test.
+    train_run(root, "p20", [*exp, "row=cifar_plain20"], {"center": (9.9, 0.5)}, val_curve=[(100, 70.0)])
+    train_run(root, "r20_B", [*exp, "row=cifar_resnet20", "model.shortcut=B"], {"center": (1.0, 0.1)})
+    train_run(root, "r20_val", [*exp, "row=cifar_resnet20", "test_split=null"], {"center": (2.0, 0.1)})
+    train_run(root, "r20_limit", [*exp, "row=cifar_resnet20", "data.limit=500"], {"center": (3.0, 0.1)})
+    # Published weights evaluated: listed apart, not averaged with ours.
+    eval_run(root, "eval_aka", ["model=resnet20", "data=cifar10", *CIFAR, "data.split=test"], {"center": (8.27, 0.4)},
+             Path("/weights/resnet20-12fca82f.th"), fmt="akamaster")
+    # A run still training (no metrics.json) and a broken one: neither may stop the tables.
+    train_run(root, "r32_running", [*exp, "row=cifar_resnet32"], {}, val_curve=[(100, 50.0)], finished=False)
+    (root / "broken").mkdir()
+    (root / "broken" / "metrics.json").write_text("{not json")
+    return root
+
+
+# ------------------------------------------------------------------------------------------ configs and rows
+@pytest.mark.parametrize("table_id", sorted(TABLES))
+def test_every_row_is_trained_by_its_experiment(table_id):
+    """The overrides that select a row in its experiment train exactly that row's model (and no other row's)."""
+    table = TABLES[table_id]
+    for row in table.rows:
+        select = dict(row.select)
+        experiment = select.pop("experiment", table.experiment)
+        cfg = compose_cfg("train", "name=x", f"experiment={experiment}", *(f"{k}={v}" for k, v in select.items()))
+        split = cfg["test_split"] or cfg["val_split"]
+        assert (cfg["data"]["name"], split) == (table.dataset, table.split), row.label
+        assert table.protocol in cfg["final_protocols"] or table.protocol == "multi_scale", row.label
+        fake = type("R", (), {"model": cfg["model"], "dataset": cfg["data"]["name"], "split": split,
+                              "config": cfg})()
+        hits = [other.label for other in table.rows if matches(fake, table, other)]
+        assert hits == [row.label], (row.label, hits)
+
+
+def test_row_config_is_the_model_file_with_the_row_options():
+    """A row's effective config: configs/model/<name>.yaml, the row's options and resolution on top."""
+    row = next(r for r in TABLES["mobilenet_grid"].rows if r.label == "0.5 MobileNet-160")
+    cfg = row_config(row)
+    assert (cfg["name"], cfg["width_mult"], cfg["resolution"], cfg["full_conv"]) == ("mobilenet_v1", 0.5, 160, False)
+
+
+# --------------------------------------------------------------------------------------- no runs: compute
+# Rows where the paper's printed figure disagrees with every count of its own architecture (kept, said in notes).
+KNOWN_DISAGREEMENTS = {
+    ("mobilenetv2_table4", "MobileNetV2 (1.4)", "params_m"): "paper 6.9M, TF-slim's release 6.06M",
+    ("mobilenetv2_grid", "MobileNetV2 1.4-224", "params_m"): "the same model as the row above",
+    ("mobilenetv2_table4", "MobileNetV1", "madds_m"): "575M here, 569M in MobileNet's own Table 8",
+}
+
+
+@pytest.fixture(scope="module")
+def empty_tables():
+    """Every table built with no runs at all."""
+    return {r.id: r for r in build_tables([])}
+
+
+def test_no_runs_compute_columns_match_papers(empty_tables):
+    """With no runs, mult-adds and params are filled and match every printed figure (1% or the printed digit)."""
+    checked = 0
+    for tid, res in empty_tables.items():
+        for rec in csv_rows(res.csv()).values():
+            assert rec["ours_madds_m"] and rec["ours_params_m"], (tid, rec["row"])
+            for m in ("madds_m", "params_m"):
+                if not rec[f"paper_{m}"]:
+                    continue
+                paper, ours = float(rec[f"paper_{m}"]), float(rec[f"ours_{m}"])
+                ok = abs(ours - paper) <= max(0.01 * paper, unit(paper))
+                known = (tid, rec["row"], m) in KNOWN_DISAGREEMENTS
+                assert ok != known, (tid, rec["row"], m, paper, ours)
+                checked += 1
+    assert checked >= 45
+    # The issue's example, stated exactly: MobileNet Table 6 mult-adds within 1%.
+    for rec in csv_rows(empty_tables["mobilenet_table6"].csv()).values():
+        assert abs(float(rec["ours_madds_m"]) / float(rec["paper_madds_m"]) - 1) < 0.01, rec
+
+
+def test_no_runs_accuracy_columns_are_missing(empty_tables):
+    """No run: every ours_ accuracy cell is empty in the CSV and `—` in the markdown, runs = 0."""
+    for tid, res in empty_tables.items():
+        table = TABLES[tid]
+        for rec in csv_rows(res.csv()).values():
+            assert rec["runs"] == "0" and rec["run"] == ""
+            for m in table.metrics:
+                assert rec[f"ours_{m}"] == "" and rec[f"diff_{m}"] == ""
+        md = res.markdown()
+        assert f"`{tid}`" in md and table.caption in md and table.source in md
+        assert md.count(f"| {MISSING} |") + md.count(f" | {MISSING} ") >= len(table.rows)
+
+
+def test_csv_columns_named_as_the_issue_says(empty_tables):
+    """model, the row's options, paper_/ours_ per metric, mult-adds and params, difference and run columns."""
+    cols = list(csv.DictReader(io.StringIO(empty_tables["resnet_table3"].csv())).fieldnames)
+    for c in ("row", "model", "shortcut", "resolution", "paper_top1_err", "ours_top1_err", "diff_top1_err",
+              "ref_top1_err", "paper_top5_err", "ours_top5_err", "paper_madds_m", "ours_madds_m", "paper_params_m",
+              "ours_params_m", "runs", "run"):
+        assert c in cols, c
+    grid = list(csv.DictReader(io.StringIO(empty_tables["mobilenet_grid"].csv())).fieldnames)
+    assert {"width_mult", "paper_top1_acc", "ours_top1_acc", "ref_top1_acc", "ref_top5_acc", "ref_madds_m"} <= {*grid}
+
+
+def test_mobilenet_table2_and_3_are_computed():
+    """Table 2's shares and Table 3's one-layer figures, with the 1.19% misprint said in the table."""
+    t2 = csv_rows(mobilenet_table2().csv())
+    assert float(t2["Conv 1x1"]["ours_madds_pct"]) == pytest.approx(94.86, abs=0.005)
+    assert float(t2["Fully Connected"]["ours_params_pct"]) == pytest.approx(24.33, abs=0.005)
+    assert float(t2["Conv 3x3"]["ours_madds_pct"]) == pytest.approx(1.91, abs=0.005)
+    assert "misprint of 1.91%" in mobilenet_table2().markdown()
+    t3 = csv_rows(mobilenet_table3().csv())
+    # Hand count: 14*14*512*512*9 = 462.4M mult-adds, 512*512*9 = 2.36M weights for the full 3x3 conv.
+    assert float(t3["Conv 3x3"]["ours_madds_m"]) == pytest.approx(14 * 14 * 512 * 512 * 9 / 1e6, abs=1e-3)
+    assert float(t3["Conv 3x3"]["ours_params_m"]) == pytest.approx(512 * 512 * 9 / 1e6, abs=1e-3)
+    assert float(t3["rho = 0.714"]["ours_madds_m"]) == pytest.approx(15.1, abs=0.05)
+
+
+# ---------------------------------------------------------------------------------------------- with runs
+def test_runs_discovered_robustly(cifar_runs, caplog):
+    """Finished, running and evaluation runs are found; a broken metrics.json is skipped with a warning."""
+    runs = discover_runs([str(cifar_runs)])
+    names = {r.path.name: r for r in runs}
+    assert {"r20_s0", "r56", "eval_r56", "eval_aka", "r32_running"} <= set(names)
+    assert names["r32_running"].metrics is None and names["eval_r56"].kind == "eval"
+    assert "broken" not in names and "metrics.json" in caplog.text
+    # A glob picks the same runs; a path that names nothing is refused with a hint.
+    assert {r.path.name for r in discover_runs([f"{cifar_runs}/r20_*"])} == {"r20_s0", "r20_s1", "r20_s2", "r20_B",
+                                                                             "r20_val", "r20_limit"}
+    with pytest.raises(ValueError, match="no such directory"):
+        discover_runs([str(cifar_runs / "nope")])
+
+
+def test_table6_rows_mean_std_and_missing(cifar_runs):
+    """ResNet-20: mean ± std of 3 seeds; ResNet-56: one run (its eval deduplicated); others `—` with a command."""
+    res = build_table(TABLES["resnet_table6"], discover_runs([str(cifar_runs)]))
+    rows = csv_rows(res.csv())
+    r20, r56, r32 = rows["ResNet-20"], rows["ResNet-56"], rows["ResNet-32"]
+    assert (r20["runs"], float(r20["ours_top1_err"]), float(r20["ours_top1_err_std"])) == ("3", 8.5, 0.5)
+    assert float(r20["diff_top1_err"]) == pytest.approx(8.5 - 8.75)
+    assert float(r20["paper_top1_err"]) == 8.75 and float(r20["ref_top1_err"]) == 8.27
+    assert sorted(Path(p).name for p in r20["run"].split(";")) == ["r20_s0", "r20_s1", "r20_s2"]
+    assert (r56["runs"], float(r56["ours_top1_err"]), r56["ours_top1_err_std"]) == ("1", 7.0, "")
+    assert Path(r56["run"]).name == "r56"  # the training run's own final metrics, not the eval's 7.2
+    assert (r32["runs"], r32["ours_top1_err"]) == ("0", "")  # still training: no final number yet
+    md = res.markdown()
+    assert "| ResNet-20 | 32 | 8.75 | 8.50 ± 0.50 | -0.25 | 8.27 |" in md
+    assert "| ResNet-32 | 32 | 7.51 | — | — | 7.37 |" in md
+    assert "Published weights (akamaster) evaluated as ResNet-20: top-1 err 8.27" in md
+    cmds = reproduce_commands(res)
+    assert cmds == ["repro-train -m experiment=resnet_table6 row=cifar_resnet32,cifar_resnet44,cifar_resnet110,"
+                    "cifar_resnet1202 data.root=/path/to/cifar10"]
+    assert cmds[0] in md
+
+
+def test_accuracy_tables_from_error_runs(tmp_path):
+    """MobileNet tables print accuracy: ours = 100 − the run's top-1 error, matched on width and resolution."""
+    exp = ["experiment=mobilenet_grid", "data.root=/data/imagenet"]
+    train_run(tmp_path, "a", [*exp, "model.width_mult=0.5", "model.resolution=160"], {"center": (40.0, 18.0)})
+    train_run(tmp_path, "b", [*exp, "model.width_mult=0.5", "model.resolution=160", "seed=1"],
+              {"center": (39.0, 17.0)})
+    train_run(tmp_path, "c", [*exp, "model.width_mult=0.5", "model.resolution=224"], {"center": (36.3, 15.0)})
+    runs = discover_runs([str(tmp_path)])
+    grid = csv_rows(build_table(TABLES["mobilenet_grid"], runs).csv())
+    assert float(grid["0.5 MobileNet-160"]["ours_top1_acc"]) == pytest.approx(60.5)
+    assert float(grid["0.5 MobileNet-160"]["ours_top5_acc"]) == pytest.approx(82.5)
+    assert float(grid["0.5 MobileNet-160"]["ours_top1_acc_std"]) == pytest.approx(math.sqrt(0.5), abs=1e-4)
+    assert float(grid["0.5 MobileNet-224"]["diff_top1_acc"]) == pytest.approx(63.7 - 63.7)
+    t6 = csv_rows(build_table(TABLES["mobilenet_table6"], runs).csv())
+    assert t6["0.5 MobileNet-224"]["runs"] == "1" and t6["1 MobileNet-224"]["runs"] == "0"
+    # Table 9's 0.50 MobileNet-160 is the same model: the same two runs fill it.
+    t9 = csv_rows(build_table(TABLES["mobilenet_table9"], runs).csv())
+    assert t9["0.50 MobileNet-160"]["runs"] == "2"
+
+
+def test_protocol_must_have_been_measured(tmp_path):
+    """A center-crop-only ImageNet run does not fill the 10-crop Table 3 (nor Table 4's multi-scale)."""
+    exp = ["experiment=resnet_table3", "row=resnet50", "data.root=/data/imagenet"]
+    train_run(tmp_path, "center_only", [*exp, "final_protocols=[center]"], {"center": (24.0, 7.0)})
+    runs = discover_runs([str(tmp_path)])
+    assert csv_rows(build_table(TABLES["resnet_table3"], runs).csv())["ResNet-50"]["runs"] == "0"
+    train_run(tmp_path, "ten", exp, {"center": (24.0, 7.0), "ten_crop": (22.5, 6.5)})
+    rows = csv_rows(build_table(TABLES["resnet_table3"], discover_runs([str(tmp_path)])).csv())
+    assert (rows["ResNet-50"]["runs"], float(rows["ResNet-50"]["ours_top5_err"])) == ("1", 6.5)
+
+
+@pytest.mark.parametrize("table_id", ["mobilenet_grid", "mobilenetv2_grid", "mobilenetv2_table4", "resnet_table4"])
+def test_reproduce_commands_select_the_missing_rows(table_id):
+    """Each printed command, run as `repro-train -m`, trains exactly the missing rows (checked by composing)."""
+    table = TABLES[table_id]
+    res = build_table(table, [])
+    covered: list[str] = []
+    for cmd in reproduce_commands(res):
+        if cmd.startswith("#"):
+            continue
+        args = shlex.split(cmd)[2:]
+        assert args[0].startswith("experiment=")
+        hydra_cfg = compose_hydra(args)
+        sweep = dict(hydra_cfg.hydra.sweeper.params or {})
+        for a in args[1:]:  # command-line overrides replace the experiment's sweep of the same key
+            k, v = a.split("=", 1)
+            sweep[k] = v
+        for job in product(sweep):
+            cfg = compose_cfg("train", "name=x", args[0], *job)
+            fake = type("R", (), {"model": cfg["model"], "dataset": cfg["data"]["name"],
+                                  "split": cfg["test_split"] or cfg["val_split"], "config": cfg})()
+            covered += [r.label for r in table.rows if matches(fake, table, r)]
+    assert sorted(covered) == sorted(r.label for r in table.rows)
+
+
+def compose_hydra(args: list[str]):
+    """The train config with its hydra node (for the experiment's sweep)."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=["name=x", *[a for a in args if a.startswith("experiment=")]],
+                       return_hydra_config=True)
+
+
+def product(sweep: dict) -> list[list[str]]:
+    """Every job of a sweep given as key -> "a,b,c"."""
+    jobs = [[]]
+    for k, values in sweep.items():
+        jobs = [[*j, f"{k}={v.strip()}"] for j in jobs for v in str(values).split(",")]
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def test_figures_written_with_and_without_runs(cifar_runs, tmp_path):
+    """Every figure is a non-empty PNG; Fig. 6 draws the CIFAR runs, the others say they have none."""
+    from repro.figures import resnet_fig7, train_curve, val_curve, write_figures
+
+    runs = discover_runs([str(cifar_runs)])
+    grid = build_tables([], ["mobilenet_grid"])
+    drawn = write_figures(grid, runs, tmp_path)
+    assert set(drawn) == {"resnet_fig4.png", "resnet_fig6.png", "resnet_fig7.png", "mobilenet_fig4.png",
+                          "mobilenet_fig5.png"}
+    for name in drawn:
+        data = (tmp_path / "figures" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    # plain-20, three ResNet-20 seeds and the still-training ResNet-32; the others are not Table 6 rows.
+    assert drawn["resnet_fig6.png"] == 5 and drawn["resnet_fig4.png"] == 0 and drawn["mobilenet_fig4.png"] == 0
+    r20 = next(r for r in runs if r.path.name == "r20_s0")
+    assert train_curve(r20) == ([50, 150, 250], [80.0, 40.0, 20.0])
+    assert val_curve(r20) == ([100, 200], [60.0, 30.0])
+    # Fig. 7 from given stds (the checkpoint path is tested with the analysis module).
+    assert resnet_fig7([], tmp_path / "f7.png", stds={"resnet20": [1.0, 0.5, 0.7], "plain20": [2.0, 1.0]}) == 2
+    assert (tmp_path / "f7.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def run_tables(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """repro-tables as a user runs it."""
+    return subprocess.run(["repro-tables", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_writes_tables_results_and_readme(cifar_runs, tmp_path):
+    """End to end: tables + RESULTS.md + figures under out=, and the README section between its markers."""
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Reproduction status\n<!-- results:begin -->\nold\n<!-- results:end -->\n\nafter\n")
+    res = run_tables(f"runs={cifar_runs}", "out=res", "tables=[resnet_table6,mobilenet_table2]", "readme=README.md",
+                     cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "res"
+    assert {p.name for p in out.iterdir()} >= {"resnet_table6.md", "resnet_table6.csv", "mobilenet_table2.md",
+                                                "mobilenet_table2.csv", "RESULTS.md", "figures"}
+    assert not (out / "resnet_table3.md").exists()
+    page = (out / "RESULTS.md").read_text()
+    assert "8.50 ± 0.50" in page and "repro-train -m experiment=resnet_table6 row=cifar_resnet32," in page
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("<!-- results:end -->\n\nafter\n")
+    assert "[`resnet_table6`](res/resnet_table6.md)" in text and "| 2/6 |" in text
+    assert "ResNet-20 -0.25" in text
+    # The command's own run dir holds its resolved config (and is not mistaken for a training run later).
+    assert list((tmp_path / "outputs" / "tables").glob("*/config.yaml"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["runs=/no/such/dir"], "runs=/no/such/dir: no such directory"),
+    (["tables=[resnet_table9]"], "unknown table id(s) ['resnet_table9']; choose from: resnet_table2"),
+    (["readme=NOPE.md", "tables=[mobilenet_table2]", "figures=false"], "readme=NOPE.md: no such file"),
+    (["fig7_images=0"], "fig7_images=0 is not valid"),
+    (["runz=x"], "Could not override 'runz'"),
+])
+def test_cli_bad_input_clear_message(tmp_path, args, message):
+    """Bad arguments stop repro-tables with one line naming the problem, no traceback."""
+    res = run_tables(*args, cwd=tmp_path)
+    assert res.returncode != 0
+    assert message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_readme_without_markers_is_refused(tmp_path):
+    """A README lacking the markers is left untouched and the message says what to add."""
+    readme = tmp_path / "R.md"
+    readme.write_text("# nothing here\n")
+    res = run_tables("readme=R.md", "tables=[mobilenet_table2]", "figures=false", cwd=tmp_path)
+    assert res.returncode == 2 and "has no '<!-- results:begin -->'" in res.stderr
+    assert readme.read_text() == "# nothing here\n"
+
+
+def test_table_ids_are_every_table():
+    """repro-tables' list of ids names every result table and the two computed ones, once each."""
+    from repro.tables import COMPUTE_TABLES, TABLE_IDS
+
+    assert sorted(TABLE_IDS) == sorted([*TABLES, *COMPUTE_TABLES])
+
+
+def test_project_readme_has_the_status_section():
+    """The README's "Reproduction status" section lists every table and says how to regenerate it."""
+    from repro.tables import README_BEGIN, README_END, TABLE_IDS
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(README_BEGIN):text.index(README_END)]
+    for tid in TABLE_IDS:
+        assert f"[`{tid}`](results/{tid}.md)" in section, tid
+        assert (ROOT / "results" / f"{tid}.md").is_file() and (ROOT / "results" / f"{tid}.csv").is_file()
+    assert "repro-tables" in text[text.index("## Reproduction status"):text.index(README_BEGIN)]

@@ -47,8 +47,9 @@ def train_run(root: Path, name: str, overrides: list[str], errs: dict[str, tuple
     """A run dir as repro-train leaves it: config.yaml, metrics.json (final errors per protocol), curves."""
     cfg = compose_cfg("train", "name=fab", *overrides)
     out = root / name
-    out.mkdir(parents=True)
+    (out / ".hydra").mkdir(parents=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (out / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # Hydra's own copy: not a second run
     if finished:
         metrics = {p: {"top1_err": t1, "top5_err": t5, "images": 50000} for p, (t1, t5) in errs.items()}
         metrics.update(split=cfg["test_split"] or cfg["val_split"], best_val_top1_err=1.0, steps=100, config=cfg)
@@ -227,6 +228,7 @@ def test_runs_discovered_robustly(cifar_runs, caplog):
     assert {"r20_s0", "r56", "eval_r56", "eval_aka", "r32_running"} <= set(names)
     assert names["r32_running"].metrics is None and names["eval_r56"].kind == "eval"
     assert "broken" not in names and "metrics.json" in caplog.text
+    assert len(runs) == len(names) == 11 and ".hydra" not in names
     # A glob picks the same runs; a path that names nothing is refused with a hint.
     assert {r.path.name for r in discover_runs([f"{cifar_runs}/r20_*"])} == {"r20_s0", "r20_s1", "r20_s2", "r20_B",
                                                                              "r20_val", "r20_limit"}
@@ -264,6 +266,11 @@ def test_accuracy_tables_from_error_runs(tmp_path):
               {"center": (39.0, 17.0)})
     train_run(tmp_path, "c", [*exp, "model.width_mult=0.5", "model.resolution=224"], {"center": (36.3, 15.0)})
     runs = discover_runs([str(tmp_path)])
+    from repro.figures import mobilenet_fig
+
+    for x in ("madds_m", "params_m"):  # Figs. 4 and 5 put our two measured models beside the paper's points
+        assert mobilenet_fig(build_table(TABLES["mobilenet_grid"], runs), tmp_path / f"{x}.png", x) == 2
+        assert (tmp_path / f"{x}.png").stat().st_size > 10_000
     grid = csv_rows(build_table(TABLES["mobilenet_grid"], runs).csv())
     assert float(grid["0.5 MobileNet-160"]["ours_top1_acc"]) == pytest.approx(60.5)
     assert float(grid["0.5 MobileNet-160"]["ours_top5_acc"]) == pytest.approx(82.5)
@@ -418,3 +425,59 @@ def test_project_readme_has_the_status_section():
         assert f"[`{tid}`](results/{tid}.md)" in section, tid
         assert (ROOT / "results" / f"{tid}.md").is_file() and (ROOT / "results" / f"{tid}.csv").is_file()
     assert "repro-tables" in text[text.index("## Reproduction status"):text.index(README_BEGIN)]
+
+
+# ------------------------------------------------------------------------------------------- real runs
+@pytest.mark.slow
+def test_real_train_and_eval_runs_are_read(tmp_path):
+    """A real repro-train run (digits, 40 steps) and a repro-eval of its last.pt: one run, its curves, its number."""
+    from repro.figures import train_curve, val_curve
+    from repro.reference import PaperRow, PaperTable
+
+    res = subprocess.run(["repro-train", "trainer.max_steps=40", "trainer.progress=false", "name=real"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "train" / "real"
+    res = subprocess.run(["repro-eval", f"weights.path={run_dir / 'checkpoints' / 'last.pt'}", "eval.progress=false"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = discover_runs([str(tmp_path / "outputs")])
+    assert sorted(r.kind for r in runs) == ["eval", "train"]
+    train = next(r for r in runs if r.kind == "train")
+    assert (train.split, train.model["name"], train.dataset) == ("test", "resnet20", "digits")
+    steps, _ = train_curve(train)
+    assert steps and steps[-1] == 40
+    assert val_curve(train)[0] == [19, 38, 40]  # after each epoch of 19 steps and at the end
+    # A table of digits rows (the project's embedded dataset stands in for a paper's).
+    table = PaperTable("digits", "ResNet-20 on digits.", "test", "digits", "test", "center", ("top1_err",),
+                       (PaperRow("ResNet-20", "resnet20", paper={"top1_err": 5.0}),), "none")
+    rec = csv_rows(build_table(table, runs).csv())["ResNet-20"]
+    final = json.loads((run_dir / "metrics.json").read_text())["center"]["top1_err"]
+    assert rec["runs"] == "1" and float(rec["ours_top1_err"]) == pytest.approx(final, abs=1e-4)
+    assert Path(rec["run"]).name == "real"
+
+
+CIFAR_ROOT = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+
+
+@pytest.mark.slow
+def test_fig7_from_a_real_cifar_checkpoint(tmp_path):
+    """A real ResNet-20 run on CIFAR-10 JPEGs (30 steps): Fig. 7 computes its 19 layer stds from last.pt."""
+    if not (CIFAR_ROOT / "train").is_dir():
+        pytest.skip(f"the shared CIFAR-10 JPEGs are not at {CIFAR_ROOT}")
+    from repro.figures import fig7_checkpoints, resnet_fig7
+
+    res = subprocess.run(["repro-train", "model=resnet20", "data=cifar10", f"data.root={CIFAR_ROOT}",
+                          "data.limit=2000", "data.val_size=200", "test_split=null", "recipe=resnet_cifar",
+                          "trainer.max_steps=30", "trainer.progress=false", "name=fig7"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = discover_runs([str(tmp_path / "outputs")])
+    found = fig7_checkpoints(runs)
+    assert list(found) == ["resnet20"] and found["resnet20"][1] == "val"
+    from repro.analysis import checkpoint_response_stds
+
+    stds = checkpoint_response_stds(found["resnet20"][0], split="val", max_images=100)["std"]
+    assert len(stds) == 19 and all(s > 0 and math.isfinite(s) for s in stds)
+    assert resnet_fig7(runs, tmp_path / "f7.png", max_images=100) == 1
+    assert (tmp_path / "f7.png").stat().st_size > 10_000

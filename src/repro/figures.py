@@ -139,17 +139,15 @@ def resnet_fig6(runs: list[RunRecord], path: Path) -> int:
 FIG7_MODELS = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")
 
 
-def fig7_checkpoints(runs: list[RunRecord]) -> dict[str, Path]:
-    """One CIFAR-10 checkpoint per Fig. 7 model (option A, the newest finished run's last.pt)."""
-    table = TABLES["resnet_table6"]
-    found: dict[str, Path] = {}
+def fig7_checkpoints(runs: list[RunRecord]) -> dict[str, tuple[Path, str]]:
+    """One CIFAR-10 checkpoint per Fig. 7 model (option A): the newest finished run's last.pt and its eval split."""
+    found: dict[str, tuple[Path, str]] = {}
     for run in sorted(runs, key=lambda r: str(r.path)):
         name = run.model.get("name")
         ck = run.path / "checkpoints" / "last.pt"
-        if run.kind != "train" or run.metrics is None or name not in FIG7_MODELS or not ck.is_file():
-            continue
-        if matches(run, table, PaperRow(name, name)):
-            found[name] = ck
+        if (run.kind == "train" and run.metrics is not None and name in FIG7_MODELS and ck.is_file()
+                and run.dataset == "cifar10" and run.model.get("shortcut", "A") == "A"):
+            found[name] = (ck, run.split)
     return found
 
 
@@ -159,11 +157,11 @@ def resnet_fig7(runs: list[RunRecord], path: Path, max_images: int = 1000,
     plt = _plt()
     if stds is None:
         stds = {}
-        for name, ck in fig7_checkpoints(runs).items():
+        for name, (ck, split) in fig7_checkpoints(runs).items():
             from repro.analysis import checkpoint_response_stds
 
             try:
-                stds[name] = checkpoint_response_stds(ck, max_images=max_images)["std"]
+                stds[name] = checkpoint_response_stds(ck, split=split, max_images=max_images)["std"]
             except ValueError as e:  # its data is not on this machine, say: draw the others
                 log.warning("Fig. 7: skipping %s (%s)", ck, e)
     fig, axes = plt.subplots(2, 1, figsize=(8, 6))

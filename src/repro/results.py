@@ -134,7 +134,9 @@ def _run_dirs(root: Path) -> Iterable[Path]:
         yield root
     for name in ("metrics.json", "config.yaml"):
         for f in sorted(root.rglob(name)):
-            if f.parent != root and not (name == "config.yaml" and (f.parent / "metrics.json").is_file()):
+            hidden = any(part.startswith(".") for part in f.relative_to(root).parts)  # Hydra's .hydra/ copies
+            done = name == "config.yaml" and (f.parent / "metrics.json").is_file()  # found by its metrics.json
+            if f.parent != root and not hidden and not done:
                 yield f.parent
 
 

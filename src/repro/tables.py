@@ -69,11 +69,15 @@ def generate(runs: list[str] | None, out: Path, ids: list[str] | None = None, fi
         from repro.figures import write_figures
 
         drawn = write_figures([p for p in pages if isinstance(p, TableResult)], found, out, fig7_images)
-        extra = ["Figures (`figures/`): " + ", ".join(f"[{name}](figures/{name}) ({n} runs)" if n else
-                                                      f"[{name}](figures/{name}) (no runs yet)"
+        extra = ["Figures (`figures/`): " + ", ".join(f"[{name}](figures/{name}) ({_runs(n)})"
                                                       for name, n in drawn.items()), ""]
     (out / "RESULTS.md").write_text(results_page(pages, extra))
     return pages
+
+
+def _runs(n: int) -> str:
+    """'no runs yet', '1 run', '3 runs'."""
+    return "no runs yet" if n == 0 else f"{n} run" + ("s" if n > 1 else "")
 
 
 def readme_section(pages: list[TableResult | ComputeTable], out: Path, readme: Path) -> str:

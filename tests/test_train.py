@@ -430,6 +430,10 @@ def test_no_weight_decay_on_depthwise_and_bn():
     ("final_protocols=[ten_crop]", "data=digits is evaluated on the image itself: final_protocols=[center] only"),
     ("data.batch_size=0", "data.batch_size=0 is not valid; it must be > 0"),
     ("trainer.max_steps=-3", "trainer.max_steps=-3 is not valid; it must be > 0"),
+    ("val_split=holdout", "val_split='holdout' is not a split of data=digits; choose one of ['train', 'val', 'test', "
+                          "'trainval']"),
+    ("data=folder", "test_split='test' is not a split of data=folder; choose one of ['train', 'val']; test_split=null "
+                    "reports the val split instead"),
 ])
 def test_bad_config_fails_before_any_work(in_process, tmp_path, arg, message):
     """A bad value stops repro-train with a message naming it, no traceback, and no checkpoints or TensorBoard."""
@@ -617,6 +621,17 @@ def test_resnet20_learns_cifar10(tmp_path):
     assert metrics["split"] == "val" and metrics["center"]["images"] == 1000
     assert metrics["center"]["top1_err"] < 60.0
     assert metrics["center"]["top5_err"] < 20.0  # chance: 50%
+
+
+def test_missing_test_images_name_test_split_null(in_process, tmp_path):
+    """CIFAR JPEGs with train/ only: the default test_split=test stops before training, naming test_split=null."""
+    if not (CIFAR_ROOT / "train").is_dir():
+        pytest.skip(f"the shared CIFAR-10 JPEGs are not at {CIFAR_ROOT}")
+    res = in_process(train_main, "repro-train", "model=resnet20", "data=cifar10", f"data.root={CIFAR_ROOT}",
+                     "data.limit=200", "data.val_size=50", "recipe=resnet_cifar", "name=notest", *QUICK, cwd=tmp_path)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "has train/ but no test/ images" in res.stderr and "test_split=null reports the val split" in res.stderr
+    assert not list(tmp_path.rglob("*.pt"))
 
 
 # ------------------------------------------------------------------------------------ the embedded default

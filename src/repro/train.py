@@ -27,7 +27,7 @@ from tqdm import tqdm
 from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, git_commit, run_dir, save_run_info
 from repro.config import register_configs
 from repro.data import DataError, EvalViews, Normalize, Preprocessing, ShardSampler, build_dataset, collate
-from repro.data.datasets import ImageTensors, Subset
+from repro.data.datasets import DATASET_SPLITS, ImageTensors, Subset
 from repro.data.loaders import BatchPadCrop, EpochSampler, SeededSamples, TensorBatches, sample_seed
 from repro.data.transforms import PROTOCOLS, PadCrop, RandomResizedCrop, ScaleAugCrop, default_eval_size
 from repro.distributed import (
@@ -99,6 +99,22 @@ def _file_transform(aug: Any, crop: int) -> Any:
     raise ValueError("recipe.augment.train=none needs an in-memory dataset (cifar10, cifar100, digits)")
 
 
+
+def _test_set(cfg: DictConfig, views: EvalViews, in_memory: bool) -> Any:
+    """The split evaluated at the end (`test_split`), or None; a missing one names `test_split=null` as a way out."""
+    if not cfg.test_split:
+        return None
+    try:
+        if not in_memory:
+            return build_dataset(cfg.data, cfg.test_split, views)
+        test = _tensors(cfg, cfg.test_split)
+        test.transform = views
+        return test
+    except DataError as e:
+        raise DataError(f"test_split={cfg.test_split!r}: {e} (in repro-train: test_split=null reports the val "
+                        f"split instead)") from None
+
+
 def build_data(cfg: DictConfig, resolution: int, d: Dist, device: torch.device) -> TrainData:
     """Training loader, device augmentation, preprocessing and evaluation sets for this run."""
     aug = cfg.recipe.augment
@@ -121,10 +137,7 @@ def build_data(cfg: DictConfig, resolution: int, d: Dist, device: torch.device) 
         classes = train.classes
         val = _tensors(cfg, cfg.val_split)
         val.transform = views
-        test = None
-        if cfg.test_split:
-            test = _tensors(cfg, cfg.test_split)
-            test.transform = views
+        test = _test_set(cfg, views, in_memory=True)
     else:
         if aug.per_pixel_mean:
             raise ValueError("recipe.augment.per_pixel_mean needs an in-memory dataset (CIFAR); use mean/std")
@@ -136,7 +149,7 @@ def build_data(cfg: DictConfig, resolution: int, d: Dist, device: torch.device) 
                             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
         batch_aug, classes = None, base.classes
         val = build_dataset(cfg.data, cfg.val_split, views)
-        test = build_dataset(cfg.data, cfg.test_split, views) if cfg.test_split else None
+        test = _test_set(cfg, views, in_memory=False)
     pre = Preprocessing(tuple(aug.mean), tuple(aug.std), mean_image)
     return TrainData(loader, batch_aug, pre, val, test, classes, (resize, eval_crop))
 
@@ -425,6 +438,11 @@ def check_config(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value is not None and not value > 0:
             fail(f"{key}={value} is not valid; it must be > 0")
+    splits = DATASET_SPLITS.get(cfg.data.name)
+    for key in ("train_split", "val_split", "test_split"):
+        if splits is not None and cfg[key] is not None and cfg[key] not in splits:
+            hint = "; test_split=null reports the val split instead" if key == "test_split" else ""
+            fail(f"{key}={cfg[key]!r} is not a split of data={cfg.data.name}; choose one of {list(splits)}{hint}")
     bad = [p for p in cfg.final_protocols if p not in PROTOCOLS]
     if bad:
         fail(f"final_protocols {bad} not valid; choose from {list(PROTOCOLS)}")

@@ -15,11 +15,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from repro.data.digits import DIGIT_SPLITS
 from repro.data.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image
 
 DATASETS = ("imagenet", "folder", "cifar10", "cifar100", "synthetic", "digits")
 CIFAR_SPLITS = ("train", "val", "trainval", "test")
 FOLDER_SPLITS = ("train", "val")
+# The splits each dataset has (synthetic takes any name).
+DATASET_SPLITS = {"imagenet": FOLDER_SPLITS, "folder": FOLDER_SPLITS, "cifar10": CIFAR_SPLITS,
+                  "cifar100": CIFAR_SPLITS, "digits": DIGIT_SPLITS}
 
 
 class DataError(ValueError):

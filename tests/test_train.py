@@ -477,6 +477,28 @@ def test_nan_before_any_checkpoint_says_none_was_kept(in_process, tmp_path):
     assert not list(tmp_path.rglob("*.pt"))
 
 
+# ------------------------------------------------------------------------ the CUDA options, run on CPU
+@pytest.mark.parametrize("args", [
+    ("trainer.grad_accum=2", "data.batch_size=32"),
+    pytest.param(("trainer.amp=bf16",), marks=pytest.mark.slow),  # bf16 autocast is slow on CPU (~30 s)
+    pytest.param(("trainer.compile=true",), marks=pytest.mark.slow),
+])
+def test_loop_options_run_on_cpu(in_process, tmp_path, args):
+    """Accumulation, bf16 autocast and torch.compile train 4 steps; the checkpoint is plain and counts right."""
+    res = in_process(train_main, "repro-train", "trainer.max_steps=4", "name=opt", *args, *QUICK, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "outputs" / "train" / "opt"
+    ck = load_ck(run / "checkpoints" / "last.pt")
+    accum = 2 if "trainer.grad_accum=2" in args else 1
+    # 4 optimizer steps of 64 images each (4 x accum micro-batches read): the recipe's batch, so its lr 0.1.
+    assert (ck["progress"]["step"], ck["progress"]["batch"]) == (4, 4 * accum)
+    assert "global batch 64, lr 0.1)" in (run / "train.log").read_text()
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])  # loads as a plain model
+    load_weights(create_model_from_config(ck["config"]["model"]), ck, "repro")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["center"]["images"] == 360 and math.isfinite(metrics["center"]["top1_err"])
+
+
 # ------------------------------------------------------------------------------------- signals, resume
 SHORT = ("trainer.max_steps=40", "trainer.checkpoint_every=5", *QUICK)
 

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
+from common import CIFAR_ROOT
 from repro.analysis import (
     SUPPORTED_MODELS,
     checkpoint_response_stds,
@@ -26,20 +27,11 @@ from repro.distributed import Dist
 from repro.models import create_model, create_model_from_config, load_weights
 from repro.models.resnet import BasicBlock
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CIFAR_ROOT = SHARED / "data" / "cifar10-jpeg"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CPU = torch.device("cpu")
 CIFAR_NAMES = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
                "plain20", "plain32", "plain44", "plain56", "plain110"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Run this module single-threaded: the models and images are tiny."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _randomized(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -13,11 +13,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from common import ROOT
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.models import create_model_from_config, list_models, model_kwargs
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose_summary(*overrides: str):

@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import InterpolationMode, v2
 
+from common import CIFAR_CLASSES, CIFAR_ROOT, IMAGENET_SAMPLE
 from repro.data import (
     DataError,
     EvalViews,
@@ -28,20 +29,10 @@ from repro.data import (
 )
 from repro.data.datasets import ImageFiles, carve_split, imagenet_synsets, scan_folder
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample"
-CIFAR_ROOT = SHARED / "data" / "cifar10-jpeg"
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Run this module single-threaded: the images are small and 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _sample_paths() -> list[Path]:

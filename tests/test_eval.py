@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
+from common import AKAMASTER_DIR, CIFAR_CLASSES, CIFAR_ROOT, MEAN, STD
 from repro.data import DataError, EvalViews, Normalize, Preprocessing, collate, load_image
 from repro.data.datasets import ImageFiles, scan_folder
 from repro.engine import Tally, class_ranks, evaluate, top_predictions
@@ -31,21 +32,10 @@ from repro.eval import PREDICTION_COLUMNS
 from repro.eval import main as eval_main
 from repro.models import create_model
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CIFAR_ROOT = SHARED / "data" / "cifar10-jpeg"
-AKAMASTER_RESNET20 = SHARED / "weights" / "akamaster-cifar10" / "resnet20-12fca82f.th"
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+AKAMASTER_RESNET20 = AKAMASTER_DIR / "resnet20-12fca82f.th"
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Run this module single-threaded: the models and images are tiny and 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------ ranks and tallies

@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from common import CIFAR_ROOT, ROOT
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.reference import RESULT_TABLES
@@ -29,7 +30,6 @@ from repro.results import (
     row_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 TABLES = {t.id: t for t in RESULT_TABLES}
 
 
@@ -455,9 +455,6 @@ def test_real_train_and_eval_runs_are_read(tmp_path):
     final = json.loads((run_dir / "metrics.json").read_text())["center"]["top1_err"]
     assert rec["runs"] == "1" and float(rec["ours_top1_err"]) == pytest.approx(final, abs=1e-4)
     assert Path(rec["run"]).name == "real"
-
-
-CIFAR_ROOT = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 
 
 @pytest.mark.slow

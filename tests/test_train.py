@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from timm.optim import RMSpropTF
 from torch import nn
 
+from common import CIFAR_ROOT, ROOT
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.distributed import Dist
@@ -33,9 +34,6 @@ from repro.optim import LRSchedule, build_optimizer
 from repro.train import check_config, setup
 from repro.train import main as train_main
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-CIFAR_ROOT = SHARED / "data" / "cifar10-jpeg"
 CPU = torch.device("cpu")
 QUICK = ("trainer.progress=false",)
 

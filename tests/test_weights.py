@@ -12,24 +12,16 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from common import AKAMASTER_DIR, CIFAR_CLASSES, MEAN, SHARED, STD
 from repro.models import WEIGHT_FORMATS, WeightsError, create_model, load_weights
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-AKAMASTER_DIR = SHARED / "weights" / "akamaster-cifar10"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CIFAR_TRAIN = SHARED / "data" / "cifar10-jpeg" / "train"
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 # --------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Run this module single-threaded: on tiny inputs oneDNN's threads only add (large, noisy) overhead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:

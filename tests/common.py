@@ -1,0 +1,13 @@
+"""What several test modules share: where the project and ../shared are, CIFAR's classes, ImageNet's statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+SHARED = ROOT.parent / "shared"  # real images and published weights, beside the checkout (tests skip without)
+CIFAR_ROOT = SHARED / "data" / "cifar10-jpeg"
+IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample"
+AKAMASTER_DIR = SHARED / "weights" / "akamaster-cifar10"
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's and akamaster's weights

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -378,3 +381,47 @@ def test_block_class_is_basic():
         model = create_model("resnet110")
     blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
     assert len(blocks) == 54 and 1 + 2 * len(blocks) == len(response_layers(model))
+
+
+# ----------------------------------------------------------------------------------------- repro-analyze
+def _analyze(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the repro-analyze console script as a user does."""
+    return subprocess.run(["repro-analyze", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_repro_analyze_two_runs(trained_checkpoint, tmp_path):
+    """Two runs of one model: labelled by run folder; stds.json equals checkpoint_response_stds; table, plot, config."""
+    paths = []
+    for run in ("a", "b"):
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        paths.append(shutil.copy(trained_checkpoint, tmp_path / run / "checkpoints" / "last.pt"))
+    res = _analyze(f"checkpoints=[{paths[0]},{paths[1]}]", "images=30", "device=cpu", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["#", "layer", "resnet20", "(a)", "resnet20", "(b)"]
+    assert lines[2].split()[:2] == ["1", "bn1"] and lines[20].split()[:2] == ["19", "layer3.2.bn2"]
+    out = next((tmp_path / "outputs" / "analyze").iterdir())
+    saved = json.loads((out / "stds.json").read_text())
+    assert list(saved) == ["resnet20 (a)", "resnet20 (b)"]
+    direct = checkpoint_response_stds(trained_checkpoint, max_images=30)["std"]
+    assert saved["resnet20 (a)"]["std"] == pytest.approx(direct, rel=1e-9) and saved["resnet20 (a)"]["images"] == 30
+    assert float(lines[2].split()[-1]) == pytest.approx(direct[0], abs=1e-4)
+    assert (out / "fig7.png").stat().st_size > 10_000
+    assert (out / "config.yaml").is_file() and (out / "run.json").is_file()
+    # format=json prints the same object, and nothing else, on stdout.
+    res = _analyze(f"checkpoints={paths[0]}", "images=30", "format=json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["resnet20"]["std"] == pytest.approx(direct, rel=1e-9)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((), "checkpoints= is required"),
+    (("checkpoints=gone.pt",), "does not exist"),
+    (("checkpoints=x.pt", "format=xml"), "format='xml' is not valid; choose one of ['table', 'json']"),
+    (("checkpoints=x.pt", "device=tpu"), "device='tpu' is not valid; choose one of ['auto', 'cpu', 'cuda']"),
+    (("checkpoints=x.pt", "imags=3"), "Key 'imags' not in 'AnalyzeConfig'"),
+])
+def test_repro_analyze_bad_input(tmp_path, args, message):
+    """Bad input stops repro-analyze with a message naming it, no traceback."""
+    res = _analyze(*args, cwd=tmp_path)
+    assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]

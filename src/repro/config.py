@@ -307,6 +307,18 @@ class TablesConfig:
     readme: Any = None  # a README whose "Reproduction status" section (between its markers) is regenerated
 
 
+@dataclass
+class AnalyzeConfig:
+    """`repro-analyze`: ResNet Fig. 7's layer-response stds of given checkpoints."""
+
+    checkpoints: Any = None  # one path or a list
+    data_root: Any = None  # overrides the checkpoints' data.root
+    split: Any = None  # null: each run's test split, else its val split
+    images: Any = 1000  # per checkpoint; null: all
+    device: str = "auto"  # auto | cpu | cuda
+    format: str = "table"  # table | json
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
@@ -320,3 +332,4 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="summary_schema", node=SummaryConfig)
     cs.store(name="tables_schema", node=TablesConfig)
+    cs.store(name="analyze_schema", node=AnalyzeConfig)

@@ -152,8 +152,11 @@ def fig7_checkpoints(runs: list[RunRecord]) -> dict[str, tuple[Path, str]]:
 
 
 def resnet_fig7(runs: list[RunRecord], path: Path, max_images: int = 1000,
-                stds: dict[str, list[float]] | None = None) -> int:
-    """ResNet Fig. 7: std of each 3x3 layer's response (after BN, before ReLU), network order and sorted."""
+                stds: dict[str, list[float]] | None = None, data: str = "CIFAR-10") -> int:
+    """ResNet Fig. 7: std of each 3x3 layer's response (after BN, before ReLU), network order and sorted.
+
+    The stds are measured from the finished CIFAR-10 runs among `runs`, or given as `stds` (label -> stds).
+    """
     plt = _plt()
     if stds is None:
         stds = {}
@@ -165,11 +168,10 @@ def resnet_fig7(runs: list[RunRecord], path: Path, max_images: int = 1000,
             except ValueError as e:  # its data is not on this machine, say: draw the others
                 log.warning("Fig. 7: skipping %s (%s)", ck, e)
     fig, axes = plt.subplots(2, 1, figsize=(8, 6))
-    for name in FIG7_MODELS:
-        if name in stds:
-            label = name.replace("resnet", "ResNet-").replace("plain", "plain-")
-            axes[0].plot(range(1, len(stds[name]) + 1), stds[name], linewidth=1, label=label)
-            axes[1].plot(range(1, len(stds[name]) + 1), sorted(stds[name], reverse=True), linewidth=1, label=label)
+    for name in [n for n in FIG7_MODELS if n in stds] + [n for n in stds if n not in FIG7_MODELS]:
+        label = name.replace("resnet", "ResNet-").replace("plain", "plain-")
+        axes[0].plot(range(1, len(stds[name]) + 1), stds[name], linewidth=1, label=label)
+        axes[1].plot(range(1, len(stds[name]) + 1), sorted(stds[name], reverse=True), linewidth=1, label=label)
     axes[0].set_xlabel("layer index (original)")
     axes[1].set_xlabel("layer index (sorted by magnitude)")
     for ax in axes:
@@ -179,7 +181,7 @@ def resnet_fig7(runs: list[RunRecord], path: Path, max_images: int = 1000,
         else:
             ax.text(0.5, 0.5, "no runs yet (the paper prints no numbers for this figure)", transform=ax.transAxes,
                     ha="center", va="center", color="gray")
-    fig.suptitle("ResNet Fig. 7: std of layer responses on CIFAR-10 (after BN, before ReLU)", fontsize=9)
+    fig.suptitle(f"ResNet Fig. 7: std of layer responses on {data} (after BN, before ReLU)", fontsize=9)
     return _save(fig, path, len(stds))
 
 

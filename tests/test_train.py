@@ -27,7 +27,7 @@ from torch import nn
 from common import CIFAR_ROOT, ROOT
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
-from repro.distributed import Dist
+from repro.distributed import Dist, export_slurm_env
 from repro.eval import main as eval_main
 from repro.models import create_model, create_model_from_config, load_weights
 from repro.optim import LRSchedule, build_optimizer
@@ -621,6 +621,96 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert not any(k.startswith("module.") for k in ck["model"])
     # The last step (19 of 20) is past 75% of the run: lr 0.2 / 100.
     assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.002)
+
+
+def _workers_by_rank(launcher: subprocess.Popen) -> dict[int, int]:
+    """PIDs of torchrun's worker processes by their RANK (read from /proc)."""
+    pids = []
+    for task in Path(f"/proc/{launcher.pid}/task").iterdir():
+        pids += [int(c) for c in (task / "children").read_text().split()]
+    ranks = {}
+    for pid in pids:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = [e for e in env if e.startswith(b"RANK=")]
+        if rank:
+            ranks[int(rank[0][5:])] = pid
+    return ranks
+
+
+@pytest.mark.slow
+def test_torchrun_signal_to_one_rank_stops_every_rank(tmp_path):
+    """SIGUSR2 (submitit's time-limit signal) to rank 1 only: both ranks stop at the same step, last.pt is written
+    there, and torchrun exits 0 (no rank left waiting in a collective)."""
+    if shutil.which("torchrun") is None or not Path("/proc/self/task").is_dir():
+        pytest.skip("needs torchrun and Linux's /proc")
+    proc = subprocess.Popen(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "repro.train",
+                             "trainer.max_steps=1000", "trainer.checkpoint_every=5", "trainer.log_every=5",
+                             "name=preempt", *QUICK], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=clean_env())
+    try:
+        run = tmp_path / "outputs" / "train" / "preempt"
+        wait_for(run / "checkpoints" / "last.pt", proc)
+        ranks = _workers_by_rank(proc)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGUSR2)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGUSR2 received" in err and "a signal (on another rank) received" in err
+    step = load_ck(run / "checkpoints" / "last.pt")["progress"]["step"]
+    assert 5 <= step < 1000 and f"checkpoint written at step {step}" in err
+    assert not (run / "metrics.json").exists()
+
+
+def test_slurm_launcher_config_composes():
+    """hydra/launcher=slurm is submitit's SLURM launcher: one task per GPU, the time-limit signal before the end."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
+    launcher = compose_train("experiment=resnet_table6", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                             hydra=True).hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8 and launcher.nodes == 1
+    assert launcher.signal_delay_s == 120 and launcher.timeout_min == 3 * 24 * 60
+
+
+def test_export_slurm_env(monkeypatch):
+    """A task of a 2-node, 4-task SLURM job gets torchrun's variables; torchrun's own or one task: left alone."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+             "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    export_slurm_env()
+    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
+    assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu07"}
+    port = os.environ["MASTER_PORT"]
+    assert 20000 <= int(port) < 60000
+    # Every task of the job computes the same port; torchrun's variables, once set, are never overwritten.
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    export_slurm_env()
+    assert (os.environ["RANK"], os.environ["MASTER_PORT"]) == ("3", port)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("MASTER_PORT")
+    export_slurm_env()
+    assert (os.environ["RANK"], os.environ["MASTER_PORT"]) == ("0", port)
+    # A single-task job (e.g. torchrun inside sbatch) is left to torchrun.
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    export_slurm_env()
+    assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+
+
+def test_export_slurm_env_without_submitit(monkeypatch):
+    """Several SLURM tasks and no submitit: a message naming the extra to install, not a crash or a silent no-op."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setitem(sys.modules, "submitit.slurm.slurm", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"pip install -e '\.\[slurm\]'"):
+        export_slurm_env()
 
 
 # ------------------------------------------------------------------------------------ learning for real

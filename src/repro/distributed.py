@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,19 +57,27 @@ def quiet_hydra_on_other_ranks() -> None:
 
 
 def export_slurm_env() -> None:
-    """Under a multi-task SLURM job (hydra/launcher=slurm) set RANK, WORLD_SIZE, MASTER_ADDR, ... as torchrun does."""
-    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+    """In a multi-task SLURM job (hydra/launcher=slurm, or srun) set RANK, WORLD_SIZE, MASTER_ADDR, ... as torchrun.
+
+    Call it before choosing the device: each task then takes GPU LOCAL_RANK of its node (all GPUs stay visible).
+    Does nothing under torchrun (WORLD_SIZE set) or in a single-task job.
+    """
+    if "WORLD_SIZE" in os.environ or "SLURM_JOB_ID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return
     try:
-        from submitit.helpers import TorchDistributedEnvironment
+        from submitit.slurm.slurm import SlurmJobEnvironment  # reads SLURM's variables and expands its node list
     except ImportError:
-        return
-    TorchDistributedEnvironment().export()
+        raise ValueError("this SLURM job has several tasks, and joining them needs submitit: pip install -e "
+                         "'.[slurm]' (or start one task per node and let torchrun start the ranks)") from None
+    job = SlurmJobEnvironment()
+    os.environ.setdefault("MASTER_ADDR", job.hostnames[0])
+    os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(job.job_id.encode()) % 40000))  # same on every task
+    os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank),
+                      LOCAL_WORLD_SIZE=str(job.num_tasks // job.num_nodes))
 
 
 def init_distributed(device: torch.device) -> Dist:
-    """Join the torchrun (or SLURM) process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
-    export_slurm_env()
+    """Join the torchrun (or SLURM: export_slurm_env) process group (NCCL on CUDA, gloo on CPU) if WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()

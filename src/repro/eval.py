@@ -31,6 +31,7 @@ from repro.data.transforms import default_eval_size
 from repro.distributed import (
     broadcast_object,
     cleanup,
+    export_slurm_env,
     init_distributed,
     quiet_hydra_on_other_ranks,
     select_device,
@@ -115,6 +116,7 @@ def _eval(cfg: DictConfig) -> None:
     """Evaluate the weights, print the table, write metrics.json (and predictions.csv) to the run dir."""
     check_options(cfg)
     try:
+        export_slurm_env()  # the ranks of a multi-task SLURM job, before the device is chosen by LOCAL_RANK
         device = select_device(cfg.eval.device)
         stored = read_weights_file(cfg.weights.path)
         model_cfg, data_cfg, pre = resolve_inputs(cfg, stored)

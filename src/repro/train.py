@@ -32,8 +32,10 @@ from repro.data.loaders import BatchPadCrop, EpochSampler, SeededSamples, Tensor
 from repro.data.transforms import PROTOCOLS, PadCrop, RandomResizedCrop, ScaleAugCrop, default_eval_size
 from repro.distributed import (
     Dist,
+    all_reduce_sum,
     broadcast_object,
     cleanup,
+    export_slurm_env,
     init_distributed,
     quiet_hydra_on_other_ranks,
     select_device,
@@ -190,7 +192,8 @@ class Run:
     out: Path
     progress: Progress
     writer: Any = None
-    stop_signal: str | None = None
+    stop_signal: str | None = None  # set by the signal handler of this process
+    stopping: bool = False  # every rank agreed to stop (see agree_to_stop)
 
 
 def rng_state() -> dict[str, Any]:
@@ -337,9 +340,11 @@ def train_one_epoch(run: Run) -> None:
             run.ema.update(run.raw, step=p.step)
         p.step += 1
         bar.update(1)
-        # Check the loss before anything is saved (every step on CPU), log, and apply the warm-up rule.
+        # Act on a stop signal at a step every rank agrees on (at once alone; at log steps under DDP).
         at_log = p.step % cfg.trainer.log_every == 0 or p.step >= run.total_steps
-        at_save = p.step % cfg.trainer.checkpoint_every == 0 or run.stop_signal is not None
+        stop = agree_to_stop(run) if (at_log or not run.dist.enabled) else False
+        # Check the loss before anything is saved (every step on CPU), log, and apply the warm-up rule.
+        at_save = p.step % cfg.trainer.checkpoint_every == 0 or stop
         if at_log or at_save or dev.type == "cpu":
             mean_loss = float(loss_sum) / max(1, micro)
             if not math.isfinite(mean_loss):
@@ -361,11 +366,21 @@ def train_one_epoch(run: Run) -> None:
                 seen, micro, t0 = 0, 0, time.perf_counter()
         if p.step % cfg.trainer.checkpoint_every == 0:
             save(run, "last")
-        if run.stop_signal or p.step >= run.total_steps:
+        if stop or p.step >= run.total_steps:
             break
     bar.close()
+    agree_to_stop(run)  # a signal that came late in the epoch: every rank decides alike before evaluating
     if p.batch >= run.data.loader.sampler.batches:  # the epoch is complete
         p.epoch, p.batch = p.epoch + 1, 0
+
+
+def agree_to_stop(run: Run) -> bool:
+    """Whether to stop for a signal, the same on every rank: true when any rank got one (collective under DDP)."""
+    got = run.stop_signal is not None
+    if run.dist.enabled:
+        got = bool(all_reduce_sum(torch.tensor(float(got), device=run.device), run.dist) > 0)
+    run.stopping = got
+    return got
 
 
 class _null:
@@ -532,10 +547,10 @@ def fit(run: Run) -> None:
     cfg = run.cfg
     while run.progress.step < run.total_steps:
         train_one_epoch(run)
-        if run.stop_signal:
+        if run.stopping:
             save(run, "last")
             log.warning("%s received: checkpoint written at step %d; continue with resume=auto name=%s",
-                        run.stop_signal, run.progress.step, cfg.name)
+                        run.stop_signal or "a signal (on another rank)", run.progress.step, cfg.name)
             return
         epoch_done = run.progress.batch == 0
         if (epoch_done and run.progress.epoch % cfg.trainer.eval_every == 0) or run.progress.step >= run.total_steps:
@@ -553,6 +568,7 @@ def _train(cfg: DictConfig) -> None:
     """Set up (failing fast on bad config), resume if asked, train, evaluate, write metrics.json."""
     check_config(cfg)
     try:
+        export_slurm_env()  # the ranks of a multi-task SLURM job, before the device is chosen by LOCAL_RANK
         device = select_device(cfg.trainer.device)
         d = init_distributed(device)
         if device.type == "cuda":
@@ -576,7 +592,8 @@ def _train(cfg: DictConfig) -> None:
     def on_signal(signum: int, frame: object) -> None:
         run.stop_signal = signal.Signals(signum).name
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    # Preemption and time limits: SIGTERM, SIGUSR1 (sbatch --signal), SIGUSR2 (hydra/launcher=slurm's submitit).
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, on_signal)
     try:
         fit(run)

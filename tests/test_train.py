@@ -674,40 +674,47 @@ def test_slurm_launcher_config_composes():
     assert launcher.signal_delay_s == 120 and launcher.timeout_min == 3 * 24 * 60
 
 
-def test_export_slurm_env(monkeypatch):
-    """A task of a 2-node, 4-task SLURM job gets torchrun's variables; torchrun's own or one task: left alone."""
+@pytest.fixture
+def environ():
+    """os.environ as it was before the test, restored afterwards (export_slurm_env sets variables of its own)."""
+    saved = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        os.environ.pop(key, None)
+    yield os.environ
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_export_slurm_env(environ):
+    """A task of a 2-node, 4-task SLURM job gets torchrun's variables; torchrun's own or one task: left alone."""
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
              "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]"}
     for key, value in slurm.items():
-        monkeypatch.setenv(key, value)
+        environ[key] = value
     export_slurm_env()
     env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
     assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu07"}
     port = os.environ["MASTER_PORT"]
     assert 20000 <= int(port) < 60000
     # Every task of the job computes the same port; torchrun's variables, once set, are never overwritten.
-    monkeypatch.setenv("SLURM_PROCID", "0")
+    environ["SLURM_PROCID"] = "0"
     export_slurm_env()
     assert (os.environ["RANK"], os.environ["MASTER_PORT"]) == ("3", port)
-    monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.delenv("MASTER_PORT")
+    del environ["WORLD_SIZE"]
+    del environ["MASTER_PORT"]
     export_slurm_env()
     assert (os.environ["RANK"], os.environ["MASTER_PORT"]) == ("0", port)
     # A single-task job (e.g. torchrun inside sbatch) is left to torchrun.
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("SLURM_NTASKS", "1")
+        del environ[key]
+    environ["SLURM_NTASKS"] = "1"
     export_slurm_env()
     assert "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
 
 
-def test_export_slurm_env_without_submitit(monkeypatch):
+def test_export_slurm_env_without_submitit(environ, monkeypatch):
     """Several SLURM tasks and no submitit: a message naming the extra to install, not a crash or a silent no-op."""
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setenv("SLURM_JOB_ID", "1")
-    monkeypatch.setenv("SLURM_NTASKS", "2")
+    environ.update(SLURM_JOB_ID="1", SLURM_NTASKS="2")
     monkeypatch.setitem(sys.modules, "submitit.slurm.slurm", None)  # as if not installed
     with pytest.raises(ValueError, match=r"pip install -e '\.\[slurm\]'"):
         export_slurm_env()

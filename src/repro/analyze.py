@@ -13,15 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, ListConfig
 
 from repro.analysis import checkpoint_response_stds
 from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, save_run_info
 from repro.config import register_configs
+from repro.distributed import select_device
 
 FORMATS = ("table", "json")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def _paths(value: Any) -> list[str]:
@@ -63,11 +62,10 @@ def _analyze(cfg: DictConfig) -> None:
     """Measure each checkpoint's layer-response stds, print them, keep them and Fig. 7 in the run dir."""
     if cfg.format not in FORMATS:
         fail(f"format={cfg.format!r} is not valid; choose one of {list(FORMATS)}")
-    if cfg.device not in DEVICES:
-        fail(f"device={cfg.device!r} is not valid; choose one of {list(DEVICES)}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        fail("device=cuda but no CUDA device is available; use device=cpu or device=auto")
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
+    try:
+        device = select_device(cfg.device)
+    except ValueError as e:
+        fail(str(e))
     paths = _paths(cfg.checkpoints)
     # Every checkpoint's stds on `images` images of its evaluation split, spread evenly over it.
     results = []

@@ -101,7 +101,6 @@ def _file_transform(aug: Any, crop: int) -> Any:
     raise ValueError("recipe.augment.train=none needs an in-memory dataset (cifar10, cifar100, digits)")
 
 
-
 def _test_set(cfg: DictConfig, views: EvalViews, in_memory: bool) -> Any:
     """The split evaluated at the end (`test_split`), or None; a missing one names `test_split=null` as a way out."""
     if not cfg.test_split:
@@ -113,8 +112,8 @@ def _test_set(cfg: DictConfig, views: EvalViews, in_memory: bool) -> Any:
         test.transform = views
         return test
     except DataError as e:
-        raise DataError(f"test_split={cfg.test_split!r}: {e} (in repro-train: test_split=null reports the val "
-                        f"split instead)") from None
+        raise DataError(f"test_split={cfg.test_split!r}: {e} (test_split=null reports the val split instead)"
+                        ) from None
 
 
 def build_data(cfg: DictConfig, resolution: int, d: Dist, device: torch.device) -> TrainData:

@@ -197,6 +197,9 @@ def _build(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Datase
     name = cfg.name
     if name not in DATASETS:
         raise DataError(f"data={name!r} is not valid; choose one of {list(DATASETS)}")
+    splits = DATASET_SPLITS.get(name)
+    if splits is not None and split not in splits:
+        raise DataError(f"data.split={split!r} is not valid for data={name}; choose one of {list(splits)}")
     if name == "synthetic":
         return Synthetic(cfg.length, cfg.image_size, cfg.num_classes, transform)
     if name == "digits":
@@ -205,8 +208,6 @@ def _build(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Datase
         images, labels, classes = digits_tensors(cfg, split)
         return ImageTensors(images, labels, classes, [f"digits-{split}/{i}" for i in range(len(labels))], transform)
     if name in ("imagenet", "folder"):
-        if split not in FOLDER_SPLITS:
-            raise DataError(f"data.split={split!r} is not valid for data={name}; choose one of {list(FOLDER_SPLITS)}")
         folder = cfg.train_dir if split == "train" else cfg.val_dir
         if folder is None:
             if cfg.root is None:
@@ -220,8 +221,6 @@ def _build(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Datase
 
 def _build_cifar(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Dataset:
     """CIFAR from torchvision's files or from image folders; val carved from train (45k/5k by default)."""
-    if split not in CIFAR_SPLITS:
-        raise DataError(f"data.split={split!r} is not valid for data={cfg.name}; choose one of {list(CIFAR_SPLITS)}")
     if cfg.root is None:
         raise DataError(f"data={cfg.name} needs data.root: torchvision's downloaded files, or image folders "
                         f"train/<class>/ (and test/<class>/)")

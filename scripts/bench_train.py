@@ -182,7 +182,7 @@ def bare_batch(run: rt.Run) -> tuple[torch.Tensor, torch.Tensor]:
         x = run.data.batch_aug(x, sample_seed(run.cfg.seed, 0, 0))
     with torch.no_grad():
         x = run.normalize(x)
-    if run.device.type == "cuda" and run.cfg.trainer.channels_last:
+    if run.cfg.trainer.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x.clone(), batch["labels"].to(run.device)
 

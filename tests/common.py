@@ -11,3 +11,12 @@ IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample"
 AKAMASTER_DIR = SHARED / "weights" / "akamaster-cifar10"
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's and akamaster's weights
+
+
+def cifar_train_only(tmp: Path) -> Path:
+    """A CIFAR image-folder root holding the shared train/ images (linked, not copied) but no test/."""
+    root = tmp / "cifar-train-only"
+    root.mkdir(exist_ok=True)
+    if not (root / "train").exists():
+        (root / "train").symlink_to(CIFAR_ROOT / "train", target_is_directory=True)
+    return root

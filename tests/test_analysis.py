@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from common import CIFAR_ROOT
+from common import CIFAR_ROOT, cifar_train_only
 from repro.analysis import (
     SUPPORTED_MODELS,
     checkpoint_response_stds,
@@ -264,7 +264,7 @@ def test_checkpoint_stds_equal_independent_computation(trained_checkpoint):
 @pytest.mark.skipif(not (CIFAR_ROOT / "train").is_dir(), reason=f"needs the CIFAR-10 JPEGs at {CIFAR_ROOT}")
 def test_checkpoint_on_real_cifar(tmp_path):
     """A hand-made checkpoint (train.py's layout) of a resnet20 with option B read on real CIFAR-10 JPEGs via
-    data_root and split=val; the default split (test) is refused with the fix, since only train/ is there."""
+    data_root and split=val; the default split (test) is refused with the fix where only train/ is there."""
     torch.manual_seed(0)
     model = _randomized(create_model("resnet20", shortcut="B"))
     path = tmp_path / "last.pt"
@@ -280,7 +280,7 @@ def test_checkpoint_on_real_cifar(tmp_path):
     assert res["images"] == 40 and len(res["std"]) == 19
     assert all(math.isfinite(v) and v > 0 for v in res["std"])
     with pytest.raises(ValueError, match="has train/ but no test/ images.*split="):
-        checkpoint_response_stds(path, data_root=CIFAR_ROOT)
+        checkpoint_response_stds(path, data_root=cifar_train_only(tmp_path))
 
 
 def _hand_checkpoint(path: Path, name: str = "resnet20", data: dict | None = None, **drop: bool) -> Path:

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import InterpolationMode, v2
 
-from common import CIFAR_CLASSES, CIFAR_ROOT, IMAGENET_SAMPLE
+from common import CIFAR_CLASSES, CIFAR_ROOT, IMAGENET_SAMPLE, cifar_train_only
 from repro.data import (
     DataError,
     EvalViews,
@@ -378,8 +378,9 @@ def test_carve_split_refuses_bad_sizes(val_size):
     assert len(train) == 1 and len(val) == 118
 
 
-def test_cifar_image_folders_splits():
-    """CIFAR image folders: val is carved from train (balanced, fixed), train is the rest; test/ is absent."""
+def test_cifar_image_folders_splits(tmp_path):
+    """CIFAR image folders: val is carved from train (balanced, fixed), train is the rest, test is test/'s 10k
+    official images; a root without test/ refuses the test split, naming data.split=val."""
     if not (CIFAR_ROOT / "train").is_dir():
         pytest.skip(f"CIFAR-10 images not found in {CIFAR_ROOT} (shared/ beside the checkout)")
     cfg = SimpleNamespace(name="cifar10", root=str(CIFAR_ROOT), num_classes=10, val_size=200, split_seed=0,
@@ -391,6 +392,12 @@ def test_cifar_image_folders_splits():
     assert Counter(Path(p).parent.name for p in val.paths) == {c: 20 for c in CIFAR_CLASSES}
     assert all(CIFAR_CLASSES[y] == Path(p).parent.name for p, y in zip(val.paths, val.labels))
     assert build_dataset(cfg, "val").paths == val.paths  # the same images every time
+    if (CIFAR_ROOT / "test").is_dir():
+        test = build_dataset(cfg, "test")
+        assert len(test) == 10_000 and tuple(test.classes) == CIFAR_CLASSES
+        assert Counter(test.labels) == {c: 1000 for c in range(10)}
+        assert set(test.paths).isdisjoint(train.paths + val.paths)
+    cfg.root = str(cifar_train_only(tmp_path))
     with pytest.raises(DataError, match="has train/ but no test/ images.*data.split=val"):
         build_dataset(cfg, "test")
 

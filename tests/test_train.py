@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from timm.optim import RMSpropTF
 from torch import nn
 
-from common import CIFAR_ROOT, ROOT
+from common import CIFAR_ROOT, ROOT, cifar_train_only
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.distributed import Dist, export_slurm_env
@@ -741,10 +741,12 @@ def test_resnet20_learns_cifar10(tmp_path):
 
 
 def test_missing_test_images_name_test_split_null(in_process, tmp_path):
-    """CIFAR JPEGs with train/ only: the default test_split=test stops before training, naming test_split=null."""
+    """CIFAR JPEGs with train/ only (a linked copy of the shared folder without test/): the default test_split=test
+    stops before training, naming test_split=null."""
     if not (CIFAR_ROOT / "train").is_dir():
         pytest.skip(f"the shared CIFAR-10 JPEGs are not at {CIFAR_ROOT}")
-    res = in_process(train_main, "repro-train", "model=resnet20", "data=cifar10", f"data.root={CIFAR_ROOT}",
+    root = cifar_train_only(tmp_path)
+    res = in_process(train_main, "repro-train", "model=resnet20", "data=cifar10", f"data.root={root}",
                      "data.limit=200", "data.val_size=50", "recipe=resnet_cifar", "name=notest", *QUICK, cwd=tmp_path)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "has train/ but no test/ images" in res.stderr and "test_split=null reports the val split" in res.stderr

@@ -224,7 +224,7 @@ class TrainerConfig:
     max_steps: Any = None  # ... or to this many optimizer steps (wins over max_epochs)
     grad_accum: int = 1  # micro-batches per optimizer step (keeps the paper's batch on fewer GPUs)
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # model and batches in NHWC (CUDA and CPU)
     compile: bool = False  # torch.compile the model
     cudnn_benchmark: bool = True
     sync_bn: bool = False  # SyncBatchNorm across ranks

@@ -73,8 +73,7 @@ def _scores(model: nn.Module, normalize: Normalize, views: torch.Tensor, device:
     """Run [B, K, 3, h, w] uint8 views as one batch; average the K views. Returns (scores, probabilities)."""
     b, k = views.shape[:2]
     x = normalize(views.flatten(0, 1).to(device, non_blocking=True))
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)  # as the models are trained and evaluated, CPU too
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         logits = model(x).float().view(b, k, -1)
     if average == "softmax":  # the authors' released models: mean of softmax scores

@@ -130,9 +130,7 @@ def _eval(cfg: DictConfig) -> None:
         fail(str(e))
     d = init_distributed(device)
     out = Path(broadcast_object(str(run_dir()), d))
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model.to(device).to(memory_format=torch.channels_last)  # as repro-train evaluates: the same kernels
     normalize = Normalize(pre).to(device)
     loader = DataLoader(dataset, batch_size=data_cfg["batch_size"], num_workers=data_cfg["num_workers"],
                         sampler=ShardSampler(len(dataset), d.rank, d.world_size), collate_fn=collate,

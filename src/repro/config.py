@@ -154,7 +154,7 @@ class OptimizerConfig:
     """The optimizer of a recipe."""
 
     name: str = "sgd"  # sgd | rmsprop_tf (TF's RMSProp: epsilon inside the root, timm's RMSpropTF)
-    lr: float = 0.1  # at recipe.batch_size; scaled linearly with the global batch when recipe.scale_lr
+    lr: float = 0.1  # at recipe.lr_batch_size; scaled linearly with the global batch when recipe.scale_lr
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
@@ -204,8 +204,10 @@ class RecipeConfig:
     """A paper's training recipe: optimizer + schedule + augmentation + length + batch."""
 
     name: str = MISSING
-    batch_size: int = 256  # global batch the lr is quoted for
-    scale_lr: bool = True  # lr x global_batch / batch_size
+    batch_size: int = 256  # the global batch: images per optimizer step, summed over processes and grad_accum
+    lr_batch_size: Any = None  # the global batch the paper quotes optimizer.lr (and a length in steps) for;
+    #                            null = batch_size. Recipes set it, so that overriding batch_size rescales
+    scale_lr: bool = True  # lr x batch_size / lr_batch_size
     length: float = 90  # run length in length_unit
     length_unit: str = "epochs"  # epochs | steps
     label_smoothing: float = 0.0
@@ -246,7 +248,7 @@ class TrainConfig:
     seed: int = 0
     resume: str = "never"  # never | auto (continue this run dir from checkpoints/last.pt, if any)
     train_split: str = "train"
-    val_split: str = "val"  # the split validated during training
+    val_split: Any = "val"  # the split evaluated after each epoch (curves, best.pt); null = none
     test_split: Any = None  # also evaluated at the end (e.g. CIFAR test); null = none
     final_protocols: list[str] = field(default_factory=lambda: ["center"])  # protocols of the final evaluation
 

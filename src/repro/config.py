@@ -194,6 +194,7 @@ class AugmentConfig:
     pad: int = 4  # pad_crop
     flip: bool = True
     lighting: float = 0.0  # AlexNet PCA lighting std (ResNet: 0.1)
+    color_jitter: float = 0.0  # fb.resnet.torch: brightness, contrast, saturation factors in 1 +- this (0.4)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # pixels in [0, 1]
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     per_pixel_mean: bool = False  # subtract the training split's mean image (ResNet CIFAR), no std
@@ -265,7 +266,7 @@ class WeightsConfig:
 class EvalOptions:
     """The test protocols (`repro-eval eval.*`)."""
 
-    protocols: list[str] = field(default_factory=lambda: ["center"])  # center | ten_crop | multi_scale
+    protocols: list[str] = field(default_factory=lambda: ["center"])  # center | ten_crop | multi_scale | slim_center
     average: str = "softmax"  # softmax (authors' Caffe models) | logits (fb.resnet.torch)
     resize: Any = "auto"  # shorter side before cropping; auto = resolution / 0.875 (CIFAR: none); null = none
     crop: Any = "auto"  # auto = the model's resolution (CIFAR: none); null = the whole image
@@ -273,6 +274,9 @@ class EvalOptions:
     flip: bool = True  # multi_scale: average each scale with its horizontal flip
     interpolation: str = "bilinear"  # bilinear | bicubic | nearest
     antialias: bool = True  # torchvision's preset
+    central_fraction: float = 0.875  # slim_center: central fraction of each side, then resized to crop x crop
+    bn_recalibrate: int = 0  # >0: also evaluate after recomputing BN statistics over this many training images
+    bn_recalibrate_split: str = "train"  # the split those images come from
     save_predictions: bool = False  # also write predictions.csv
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = False  # bf16 autocast on CUDA

@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from repro.data.images import ImageError
 
-PROTOCOLS = ("center", "ten_crop", "multi_scale")
+PROTOCOLS = ("center", "ten_crop", "multi_scale", "slim_center")
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                   "nearest": InterpolationMode.NEAREST}
 # ResNet paper §3.4, fully-convolutional multi-scale testing: shorter side in these sizes.
@@ -28,12 +28,37 @@ MULTI_SCALES = (224, 256, 384, 480, 640)
 # AlexNet's PCA color augmentation: ImageNet RGB eigenvalues/eigenvectors (pixels in [0, 1]), as fb.resnet.torch.
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+# Luma weights of fb.resnet.torch's grayscale (ITU-R 601), used by its color jitter.
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 def resize_shorter(img: torch.Tensor, size: int, interpolation: str = "bilinear", antialias: bool = True
                    ) -> torch.Tensor:
     """Resize so the shorter side is `size`, keeping the aspect ratio (torchvision's Resize(int))."""
     return TF.resize(img, size, interpolation=INTERPOLATIONS[interpolation], antialias=antialias)
+
+
+def central_fraction_box(h: int, w: int, fraction: float) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of TF's `tf.image.central_crop(image, fraction)`, integer arithmetic as TF's.
+
+    TF: offset = int(1 / ((1 - fraction) / 2)); start = side // offset; size = side - 2 * start. For 0.875 the
+    offset is 16: a 500x375 image keeps rows 23..351 and columns 31..468 (329x438), its aspect ratio kept.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"eval.central_fraction={fraction} is not valid; it must be in (0, 1]")
+    if fraction == 1.0:
+        return 0, 0, h, w
+    offset = int(1 / ((1 - fraction) / 2.0))
+    top, left = h // offset, w // offset
+    return top, left, h - 2 * top, w - 2 * left
+
+
+def slim_center(img: torch.Tensor, size: int, fraction: float = 0.875, interpolation: str = "bilinear",
+                antialias: bool = True) -> torch.Tensor:
+    """TF-slim's evaluation view: the central `fraction` of each side, resized to size x size (aspect not kept)."""
+    top, left, ch, cw = central_fraction_box(*img.shape[-2:], fraction)
+    return TF.resized_crop(img, top, left, ch, cw, [size, size], interpolation=INTERPOLATIONS[interpolation],
+                           antialias=antialias)
 
 
 def _check_fits(img: torch.Tensor, crop: int, path: str, resize: int | None) -> None:
@@ -52,6 +77,8 @@ class EvalViews:
     center: shorter side -> `resize`, then the central `crop` (no resize/crop when None: the image itself).
     ten_crop: the 4 corners and the center of the same resized image, and their horizontal flips.
     multi_scale: the whole image with its shorter side at each of `scales` (and its flip when `flip`).
+    slim_center: TF-slim's view (its published MobileNet accuracies): the central `central_fraction` of each
+    side of the original image, resized to crop x crop, the aspect ratio not kept (`resize` is not used).
     """
 
     protocols: Sequence[str] = ("center",)
@@ -61,6 +88,7 @@ class EvalViews:
     flip: bool = True
     interpolation: str = "bilinear"
     antialias: bool = True
+    central_fraction: float = 0.875  # slim_center: the kept fraction of each side (TF-slim's eval default)
     takes_path: ClassVar[bool] = True  # error messages name the file
 
     def __post_init__(self) -> None:
@@ -70,8 +98,10 @@ class EvalViews:
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"eval.interpolation={self.interpolation!r} is not valid; "
                              f"choose one of {list(INTERPOLATIONS)}")
-        if "ten_crop" in self.protocols and self.crop is None:
-            raise ValueError("eval.protocols has ten_crop but eval.crop is null; give a crop size (e.g. 224)")
+        for proto in ("ten_crop", "slim_center"):
+            if proto in self.protocols and self.crop is None:
+                raise ValueError(f"eval.protocols has {proto} but eval.crop is null; give a crop size (e.g. 224)")
+        central_fraction_box(1, 1, self.central_fraction)  # refuses a fraction outside (0, 1]
 
     def __call__(self, img: torch.Tensor, path: str = "<image>") -> dict[str, Any]:
         """{protocol: uint8 [K, 3, h, w]} (K = 1 center, 10 ten_crop), multi_scale: a list of such tensors."""
@@ -93,6 +123,9 @@ class EvalViews:
                 whole = self._resize(img, s)
                 views.append(torch.stack([whole, whole.flip(-1)]) if self.flip else whole.unsqueeze(0))
             out["multi_scale"] = views
+        if "slim_center" in self.protocols:
+            out["slim_center"] = slim_center(img, self.crop, self.central_fraction, self.interpolation,
+                                             self.antialias).unsqueeze(0)
         return out
 
     def _resize(self, img: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -215,18 +248,22 @@ class Preprocessing:
 class Normalize(nn.Module):
     """uint8 [N, 3, H, W] -> float network input on the batch's device; PCA lighting too when training."""
 
-    def __init__(self, pre: Preprocessing, lighting_std: float = 0.0) -> None:
+    def __init__(self, pre: Preprocessing, lighting_std: float = 0.0, color_jitter: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("inv_std", 1.0 / torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
         mean_image = pre.mean_image.float().unsqueeze(0) if pre.mean_image is not None else None
         self.register_buffer("mean_image", mean_image, persistent=False)
+        self.jitter = ColorJitter(color_jitter) if color_jitter > 0 else None
         self.lighting = Lighting(lighting_std) if lighting_std > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().div_(255.0)
-        # Color augmentation acts on [0, 1] pixels, before the mean is removed (as fb.resnet.torch).
+        # Color augmentation acts on [0, 1] pixels, before the mean is removed (as fb.resnet.torch: jitter, then
+        # lighting, then normalization).
+        if self.jitter is not None and self.training:
+            x = self.jitter(x)
         if self.lighting is not None and self.training:
             x = self.lighting(x)
         if self.mean_image is not None:
@@ -250,3 +287,30 @@ class Lighting(nn.Module):
         alpha = torch.randn(x.shape[0], 3, device=x.device) * self.std
         rgb = (alpha * self.eigval) @ self.eigvec.T  # [N, 3]
         return x + rgb.view(-1, 3, 1, 1).to(x.dtype)
+
+
+class ColorJitter(nn.Module):
+    """fb.resnet.torch's ColorJitter on a float batch in [0, 1] scale: brightness, contrast and saturation.
+
+    Each image gets the three in its own random order, each with its own factor a ~ U(1 - s, 1 + s), blending
+    x' = a x + (1 - a) g: brightness with g = 0, contrast with g = the mean of the image's grayscale, saturation
+    with g = the pixel's grayscale (0.299 R + 0.587 G + 0.114 B). No clamping (as fb.resnet.torch).
+    """
+
+    def __init__(self, strength: float = 0.4) -> None:
+        super().__init__()
+        self.strength = strength
+        self.register_buffer("gray", torch.tensor(GRAY_WEIGHTS).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        factors = 1 + (torch.rand(n, 3, device=x.device) * 2 - 1) * self.strength  # [N, (b, c, s)]
+        order = torch.rand(n, 3, device=x.device).argsort(1)  # each image's own order of the three
+        for step in range(3):
+            which = order[:, step]  # [N]: 0 brightness, 1 contrast, 2 saturation
+            alpha = factors.gather(1, which[:, None]).view(n, 1, 1, 1).to(x.dtype)
+            gray = (x * self.gray).sum(1, keepdim=True)  # [N, 1, H, W]
+            target = torch.where((which == 1).view(n, 1, 1, 1), gray.mean((2, 3), keepdim=True), gray)
+            target = torch.where((which == 0).view(n, 1, 1, 1), torch.zeros_like(target), target)
+            x = alpha * x + (1 - alpha) * target
+        return x

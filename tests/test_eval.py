@@ -254,6 +254,103 @@ def test_evaluate_refuses_unknown_average(lookup_folder):
         evaluate(PixelLookup(TABLE), Normalize(Preprocessing()), loader, CPU, ["center"], average="median")
 
 
+# ------------------------------------------------------------------- multi-scale (fully-convolutional)
+class SizeLookup(nn.Module):
+    """Fixed logits per view, chosen by the view's height and the red value of its top-left pixel."""
+
+    def __init__(self, table: dict[tuple[int, int], list[float]]) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = torch.round(x[:, 0, 0, 0] * 255).long().tolist()
+        return torch.tensor([self.table[(x.shape[-2], v)] for v in values])
+
+
+# 4x4 images, left half red L, right half R: the unflipped views start on L, their flips on R, at both scales
+# (4: the image itself; 8: upsampled, whose top-left pixel is still L). file -> (L, R, label).
+MS_IMAGES = {"c1/one.png": (10, 11, 1), "c1/two.png": (20, 21, 1), "c0/three.png": (30, 31, 0),
+             "c2/four.png": (40, 41, 2)}
+# (view height, top-left value) -> logits. Each image has 4 views: (4, L), (4, R) = flip, (8, L), (8, R).
+MS_TABLE = {
+    (4, 10): [30.0, 0.0, 0.0], (4, 11): [0.0, 2.0, 0.0], (8, 10): [0.0, 2.0, 0.0], (8, 11): [0.0, 2.0, 0.0],
+    (4, 20): [4.0, 0.0, 0.0], (4, 21): [4.0, 0.0, 0.0], (8, 20): [4.0, 0.0, 0.0], (8, 21): [0.0, 5.0, 0.0],
+    (4, 30): [0.0, 0.0, 1.0], (8, 30): [0.0, 0.0, 1.0], (4, 31): [3.0, 0.0, 0.0], (8, 31): [3.0, 0.0, 0.0],
+    (4, 40): [2.0, 0.0, 0.0], (4, 41): [2.0, 0.0, 0.0], (8, 40): [0.0, 0.0, 3.0], (8, 41): [0.0, 0.0, 3.0],
+}
+# The class each average picks, by hand (see test_multi_scale_hand_computed_predictions): the mean over all
+# 4 views. A max over views, dropping the flips, or dropping a scale each changes at least one of these.
+MS_PREDICTIONS = {"softmax": {"one": 1, "two": 0, "three": 0, "four": 2},
+                  "logits": {"one": 0, "two": 0, "three": 0, "four": 2}}
+
+
+def _softmax(v: list[float]) -> list[float]:
+    z = sum(math.exp(x) for x in v)
+    return [math.exp(x) / z for x in v]
+
+
+def _mean(rows: list[list[float]]) -> list[float]:
+    return [sum(col) / len(rows) for col in zip(*rows)]
+
+
+def _ms_views(left: int, right: int, scales=(4, 8), flip: bool = True) -> list[list[float]]:
+    """The logits of an image's multi-scale views."""
+    return [MS_TABLE[(s, v)] for s in scales for v in ((left, right) if flip else (left,))]
+
+
+def _argmax(v: list[float]) -> int:
+    return max(range(len(v)), key=lambda c: (v[c], -c))
+
+
+def test_multi_scale_hand_computed_predictions():
+    """By hand: the mean of softmax and the mean of logits over the 4 views pick the classes of MS_PREDICTIONS,
+    and the usual mistakes (max over views, no flips, one scale) would pick others."""
+    for name, (left, right, _) in ((Path(k).stem, v) for k, v in MS_IMAGES.items()):
+        views = _ms_views(left, right)
+        assert _argmax(_mean([_softmax(v) for v in views])) == MS_PREDICTIONS["softmax"][name], name
+        assert _argmax(_mean(views)) == MS_PREDICTIONS["logits"][name], name
+
+    def picks(average, views):
+        return _argmax(_mean([_softmax(v) for v in views]) if average == "softmax" else _mean(views))
+
+    def maxed(average, views):
+        rows = [_softmax(v) for v in views] if average == "softmax" else views
+        return _argmax([max(col) for col in zip(*rows)])
+
+    for average in ("softmax", "logits"):
+        right = [MS_PREDICTIONS[average][Path(k).stem] for k in MS_IMAGES]
+        assert [maxed(average, _ms_views(left, r)) for left, r, _ in MS_IMAGES.values()] != right
+        assert [picks(average, _ms_views(left, r, flip=False)) for left, r, _ in MS_IMAGES.values()] != right
+        assert [picks(average, _ms_views(left, r, scales=(4,))) for left, r, _ in MS_IMAGES.values()] != right
+
+
+@pytest.mark.parametrize(("average", "top1_hits"), [("softmax", 3), ("logits", 2)])
+def test_multi_scale_averages_over_scales_and_flips(tmp_path, average, top1_hits):
+    """multi_scale: each image whole at every scale and flipped, the scores of all views averaged as
+    eval.average says; counts, predictions and probabilities equal the hand computation."""
+    for rel, (left, right, _) in MS_IMAGES.items():
+        red = np.full((4, 4), right, dtype=np.uint8)
+        red[:, :2] = left
+        _write_png(tmp_path / rel, red)
+    paths, labels, classes = scan_folder(tmp_path)
+    views = EvalViews(protocols=["multi_scale"], scales=(4, 8), flip=True)
+    loader = DataLoader(ImageFiles(paths, labels, classes, views), batch_size=3, collate_fn=collate)  # 3 + 1
+    res = evaluate(SizeLookup(MS_TABLE), Normalize(Preprocessing()), loader, CPU, ["multi_scale"],
+                   average=average, paths=paths, progress=False)
+    assert res.metrics() == {"multi_scale": {"top1_err": pytest.approx(100 * (4 - top1_hits) / 4), "top5_err": 0.0,
+                                             "images": 4, "skipped": 0}}
+    rows = {Path(r["path"]).stem: r for r in res.predictions}
+    assert set(rows) == {Path(k).stem for k in MS_IMAGES}
+    for rel, (left, right, label) in MS_IMAGES.items():
+        row = rows[Path(rel).stem]
+        logits = _ms_views(left, right)
+        probs = _mean([_softmax(v) for v in logits]) if average == "softmax" else _softmax(_mean(logits))
+        pred = MS_PREDICTIONS[average][Path(rel).stem]
+        assert (row["label"], row["pred1"], row["protocol"]) == (label, pred, "multi_scale"), rel
+        assert row["prob1"] == pytest.approx(probs[pred], abs=1e-6), rel
+        assert [row[f"prob{i}"] for i in (1, 2, 3)] == pytest.approx(sorted(probs, reverse=True), abs=1e-6), rel
+
+
 # ---------------------------------------------------------------------------------- repro-eval helpers
 class Result:
     """Exit code and output of one repro-eval run."""

@@ -1,5 +1,6 @@
 """`repro-eval`: top-1/top-5 error of a checkpoint under the papers' test protocols (center, 10-crop,
-multi-scale), on one CPU/GPU or split across torchrun ranks."""
+multi-scale, TF-slim's center), on one CPU/GPU or split across torchrun ranks; optionally again after
+recomputing the BatchNorm statistics over training images (`eval.bn_recalibrate=N`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.utils.data import DataLoader
 
 from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, run_dir, save_run_info
@@ -27,8 +29,11 @@ from repro.data import (
     build_dataset,
     collate,
 )
+from repro.data.datasets import Subset
 from repro.data.transforms import default_eval_size
 from repro.distributed import (
+    Dist,
+    all_reduce_sum,
     broadcast_object,
     cleanup,
     export_slurm_env,
@@ -44,6 +49,7 @@ log = logging.getLogger("repro.eval")
 
 # What a published format's weights compute, applied to the model config (e.g. akamaster's split zero padding).
 FORMAT_MODEL_OVERRIDES = {"akamaster": {"shortcut_pad": "split"}, "torchvision": {"stride_in_1x1": False}}
+BN_SUFFIX = "_bnrecal"  # metrics.json: "<protocol>_bnrecal" = the same protocol after eval.bn_recalibrate
 PREDICTION_COLUMNS = ["path", "protocol", "label", *(f"pred{i}" for i in range(1, 6)),
                       *(f"prob{i}" for i in range(1, 6))]
 
@@ -88,7 +94,69 @@ def eval_views(cfg: DictConfig, model_cfg: dict, data_cfg: dict) -> EvalViews:
     resize = auto_resize if cfg.eval.resize == "auto" else cfg.eval.resize
     crop = auto_crop if cfg.eval.crop == "auto" else cfg.eval.crop
     return EvalViews(protocols=list(cfg.eval.protocols), resize=resize, crop=crop, scales=list(cfg.eval.scales),
-                     flip=cfg.eval.flip, interpolation=cfg.eval.interpolation, antialias=cfg.eval.antialias)
+                     flip=cfg.eval.flip, interpolation=cfg.eval.interpolation, antialias=cfg.eval.antialias,
+                     central_fraction=cfg.eval.central_fraction)
+
+
+def recalibration_set(data_cfg: Any, split: str, images: int, views: EvalViews) -> Subset:
+    """`images` training images (a seeded random sample, in random order so batches mix classes), center view."""
+    calib_views = EvalViews(["center"], resize=views.resize, crop=views.crop, interpolation=views.interpolation,
+                            antialias=views.antialias)
+    ds = build_dataset(data_cfg, split, calib_views)
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:images]
+    return Subset(ds, order.tolist())
+
+
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The model's BatchNorm layers."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def recalibrate_bn(model: nn.Module, normalize: Normalize, loader: Any, device: torch.device,
+                   on_error: str = "raise", amp: bool = False, dist: Dist | None = None) -> int:
+    """Recompute every BN layer's running mean and variance over `loader`'s images, in train mode.
+
+    As the ResNet authors' "exact" BN averages: each layer's statistics are the average over all batches of
+    the batch statistics train mode computes (mean; unbiased variance), each batch weighted by its images,
+    and over all ranks. The weights are untouched. Returns the number of images used.
+    """
+    dist = dist or Dist()
+    bns = batchnorms(model)
+    if not bns:
+        raise ValueError("eval.bn_recalibrate: the model has no BatchNorm layers to recalibrate")
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+    model.train()
+    normalize.eval()
+    seen = 0
+    with torch.no_grad():
+        for batch in loader:
+            for failed in batch["failed"]:
+                if on_error == "raise":
+                    raise DataError(failed.message)
+            if batch["views"] is None:
+                continue
+            x = normalize(batch["views"]["center"].flatten(0, 1).to(device, non_blocking=True))
+            x = x.contiguous(memory_format=torch.channels_last)
+            b = x.shape[0]
+            for m in bns:  # running = running + b / (seen + b) (batch - running): the image-weighted mean
+                m.momentum = b / (seen + b)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                model(x)
+            seen += b
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.eval()
+    if dist.enabled:  # each rank averaged its own shard: combine, weighted by images
+        total = int(all_reduce_sum(torch.tensor(float(seen), device=device), dist))
+        for m in bns:
+            for buf in (m.running_mean, m.running_var):
+                buf.copy_(all_reduce_sum(buf * seen, dist) / max(total, 1))
+        seen = total
+    if seen == 0:
+        raise ValueError("eval.bn_recalibrate: no usable training images to recompute BN statistics on")
+    return seen
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -99,6 +167,8 @@ def check_options(cfg: DictConfig) -> None:
         fail(f"weights.format={cfg.weights.format!r} is not valid; choose one of {list(WEIGHT_FORMATS)}")
     if cfg.eval.average not in AVERAGES:
         fail(f"eval.average={cfg.eval.average!r} is not valid; choose one of {list(AVERAGES)}")
+    if cfg.eval.bn_recalibrate < 0:
+        fail(f"eval.bn_recalibrate={cfg.eval.bn_recalibrate} is not valid; give a number of images (0 = off)")
     if cfg.data is not None and cfg.data.on_error not in ON_ERROR:
         fail(f"data.on_error={cfg.data.on_error!r} is not valid; choose one of {list(ON_ERROR)}")
 
@@ -126,6 +196,8 @@ def _eval(cfg: DictConfig) -> None:
         # The model's class count follows the dataset.
         model_cfg["num_classes"] = len(dataset.classes)
         model = load_weights(create_model_from_config(model_cfg), stored, cfg.weights.format)
+        calib = (recalibration_set(data_cfg_node, cfg.eval.bn_recalibrate_split, cfg.eval.bn_recalibrate, views)
+                 if cfg.eval.bn_recalibrate > 0 else None)
     except (ValueError, DataError, WeightsError) as e:
         fail(str(e))
     d = init_distributed(device)
@@ -142,15 +214,31 @@ def _eval(cfg: DictConfig) -> None:
         result = evaluate(model, normalize, loader, device, list(views.protocols), cfg.eval.average,
                           data_cfg["on_error"], dataset.paths if cfg.eval.save_predictions else None,
                           amp=cfg.eval.amp, dist=d, progress=cfg.eval.progress)
+        if calib is not None:  # ResNet's exact BN averages: recompute them, evaluate again (plain numbers kept)
+            calib_loader = DataLoader(calib, batch_size=data_cfg["batch_size"], num_workers=data_cfg["num_workers"],
+                                      sampler=ShardSampler(len(calib), d.rank, d.world_size), collate_fn=collate,
+                                      pin_memory=device.type == "cuda")
+            used = recalibrate_bn(model, normalize, calib_loader, device, data_cfg["on_error"], cfg.eval.amp, d)
+            recal = evaluate(model, normalize, loader, device, list(views.protocols), cfg.eval.average,
+                             data_cfg["on_error"], dataset.paths if cfg.eval.save_predictions else None,
+                             amp=cfg.eval.amp, dist=d, progress=cfg.eval.progress)
     except (DataError, ValueError) as e:
         fail(str(e))
     if d.is_main:
         metrics = result.metrics()
+        info: dict[str, Any] = {}
+        if calib is not None:
+            metrics.update({f"{p}{BN_SUFFIX}": m for p, m in recal.metrics().items()})
+            result.predictions += [{**r, "protocol": r["protocol"] + BN_SUFFIX} for r in recal.predictions]
+            info["bn_recalibrate"] = {"images": used, "split": cfg.eval.bn_recalibrate_split,
+                                      "batch_size": data_cfg["batch_size"], "view": "center",
+                                      "protocols": [f"{p}{BN_SUFFIX}" for p in views.protocols]}
         resolved = {**OmegaConf.to_container(cfg, resolve=True), "model": model_cfg, "data": data_cfg}
         weights = {"path": str(Path(cfg.weights.path).resolve()), "format": cfg.weights.format,
                    "sha256": sha256(cfg.weights.path)}
         save_run_info(OmegaConf.create(resolved), weights=weights)
-        (out / "metrics.json").write_text(json.dumps({**metrics, "weights": weights, "config": resolved}, indent=2))
+        (out / "metrics.json").write_text(json.dumps({**metrics, **info, "weights": weights, "config": resolved},
+                                                     indent=2))
         if cfg.eval.save_predictions:
             rows = sorted(result.predictions, key=lambda r: (r["protocol"], r["path"]))
             with open(out / "predictions.csv", "w", newline="") as f:

@@ -1,18 +1,24 @@
 """The papers' result tables with our runs beside them: run discovery, row matching, `<id>.md` / `<id>.csv`.
 
 A run is a directory written by `repro-train` (metrics.json at the end, metrics.jsonl and tb/ while it trains)
-or by `repro-eval` (metrics.json). A run fills a paper row when its dataset, split, model and model options
-are the row's (implementation details listed in `MATCH_IGNORES` aside), it used the whole split (no
-`data.limit`), and it measured the table's protocol.
+or by `repro-eval` (metrics.json). A run counts for a paper row only when it is a run of the row's experiment:
+its resolved config equals what `repro-train experiment=<exp> <row's overrides>` composes, every key (model,
+data, splits, recipe, protocol), except the keys that cannot change the result (`RESULT_NEUTRAL`: paths,
+workers, device, logging, checkpoint cadence, name, seed...). It must also have used the whole split (no
+`data.limit`) and measured the table's protocol. A run of the row's model on the table's dataset that differs
+anywhere else is a deviating run: listed under the table with the keys that differ, never in `ours`.
+Published weights evaluated by repro-eval are matched on dataset, split and model (`matches`) and listed apart.
 Compute columns (mult-adds, parameters) come from the models themselves, so they are filled with no runs.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
 import logging
+import re
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,8 +30,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from repro.cli import CONFIG_DIR
+from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE
 from repro.complexity import summarize
+from repro.config import DATA_SCHEMAS, MODEL_SCHEMAS, EvalOptions, RecipeConfig, TrainConfig, TrainerConfig
 from repro.models import create_model_from_config
 from repro.reference import RESULT_TABLES, PaperRow, PaperTable
 
@@ -82,7 +89,10 @@ class RunRecord:
             return self.path.resolve()
         weights = Path((self.metrics or {}).get("weights", {}).get("path", self.path))
         parent = weights.parent
-        return (parent.parent if parent.name == "checkpoints" else weights).resolve()
+        if parent.name == "checkpoints":
+            return parent.parent.resolve()
+        is_run_dir = (parent / "config.yaml").is_file() or (parent / "metrics.json").is_file()
+        return (parent if is_run_dir else weights).resolve()  # a run record's model.pt beside its config
 
     def value(self, protocol: str, metric: str) -> float | None:
         """Metric (top1_err, top5_err, top1_acc, top5_acc) under `protocol`, in %; None if not measured."""
@@ -201,6 +211,212 @@ def _same_number(a: Any, b: Any) -> bool:
     return isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and float(a) == b
 
 
+# ------------------------------------------------------------------------------------------ row matching
+
+# Config keys that cannot change a run's result: where the data live and how fast they are read (data.batch_size
+# is the per-process evaluation batch; the global training batch is recipe.batch_size, however it is split over
+# processes and trainer.grad_accum), the device and its kernels, logging and checkpoint cadence, the run's name,
+# which split data.split names (read by repro-eval only), the model's class count (it follows the dataset), which
+# extra final protocols were measured (the table's own must be there) and the seed (ours is the mean over seeds).
+RESULT_NEUTRAL = frozenset({
+    "name", "resume", "seed", "final_protocols", "model.num_classes", "data.root", "data.train_dir", "data.val_dir",
+    "data.download", "data.num_workers", "data.batch_size", "data.split", "trainer.device", "trainer.progress",
+    "trainer.log_every", "trainer.checkpoint_every", "trainer.compile", "trainer.channels_last",
+    "trainer.cudnn_benchmark", "trainer.grad_accum"})
+# Neutral too, unless the schedule follows the validation error (plateau): then which split is evaluated and how
+# often decides when the lr drops.
+VAL_KEYS = frozenset({"val_split", "trainer.eval_every"})
+# repro-eval options that cannot change the numbers (eval.amp: the final evaluation of a CUDA training run is
+# autocast too); the others (average, resize, crop, scales, flip, interpolation, antialias) are the protocol.
+EVAL_NEUTRAL = frozenset({"protocols", "device", "progress", "save_predictions", "amp"})
+ABSENT = "(absent)"
+
+
+def _flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> dotted keys (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Config values equal, numbers by value (64000 == 64000.0), lists element by element."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or _same_number(a, b)
+
+
+@cache
+def _compose_train(overrides: tuple[str, ...]) -> dict[str, Any]:
+    """The resolved config `repro-train <overrides>` runs with (Hydra's compose API on the project's configs)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from repro.config import register_configs
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():  # inside repro-tables' own @hydra.main: the same config dir
+        cfg = compose("train", overrides=list(overrides))
+    else:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=HYDRA_VERSION_BASE):
+            cfg = compose("train", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _override(key: str, value: Any) -> str:
+    """A command-line override `key=value`."""
+    return f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+
+def row_overrides(table: PaperTable, row: PaperRow) -> list[str]:
+    """The repro-train overrides that train this row: `experiment=<exp>` and the row's selection."""
+    select = dict(row.select)
+    experiment = select.pop("experiment", table.experiment)
+    if (Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml").is_file():
+        return [f"experiment={experiment}", *(_override(k, v) for k, v in select.items())]
+    # A table with no experiment file (tests' ad-hoc tables): the defaults with the row's model.
+    out = [f"model={row.model}", *(_override(f"model.{k}", v) for k, v in row.kwargs.items())]
+    if row.resolution is not None:
+        out.append(f"model.resolution={row.resolution}")
+    return out + [_override(k, v) for k, v in select.items()]
+
+
+def experiment_config(table: PaperTable, row: PaperRow) -> dict[str, Any]:
+    """The resolved config of the row's experiment, as `repro-train experiment=<exp> row=<row>` composes it."""
+    return _compose_train(("name=x", *row_overrides(table, row)))
+
+
+def _schema_base(group: str, name: str) -> str | None:
+    """The schema a `configs/<group>/<name>.yaml` builds on (its `base_*` default), None if there is no such file."""
+    path = Path(CONFIG_DIR) / group / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    defaults = OmegaConf.load(path).get("defaults", [])
+    return next((d for d in defaults if isinstance(d, str) and d.startswith("base_")), None)
+
+
+@cache
+def _schema_defaults(model: str, data: str) -> dict[str, Any]:
+    """Dotted key -> the schema's default (src/repro/config.py) for a train config of this model and data."""
+    def plain(node: Any) -> dict[str, Any]:
+        return OmegaConf.to_container(OmegaConf.structured(node))
+
+    cfg = plain(TrainConfig)
+    cfg["recipe"], cfg["trainer"] = plain(RecipeConfig), plain(TrainerConfig)
+    model_base, data_base = _schema_base("model", model), _schema_base("data", data)
+    cfg["model"] = plain(MODEL_SCHEMAS[model_base]) if model_base in MODEL_SCHEMAS else {}
+    cfg["data"] = plain(DATA_SCHEMAS[data_base]) if data_base in DATA_SCHEMAS else {}
+    return {k: v for k, v in _flatten(cfg).items() if v != "???"}
+
+
+def _old_global_batch(cfg: dict[str, Any], run_dir: Path | None) -> Any:
+    """The global batch of a run made when data.batch_size was the per-process training batch: its train.log's
+    `global batch N`, else data.batch_size x trainer.grad_accum (one process)."""
+    log_file = run_dir / "train.log" if run_dir is not None else None
+    if log_file is not None and log_file.is_file():
+        found = re.findall(r"global batch (\d+)", log_file.read_text(errors="replace"))
+        if found:
+            return int(found[-1])
+    batch = cfg.get("data", {}).get("batch_size")
+    accum = cfg.get("trainer", {}).get("grad_accum", 1) or 1
+    return batch * accum if isinstance(batch, int) else batch
+
+
+def canonical_config(cfg: dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
+    """A train config as dotted keys, in today's meaning of recipe.batch_size (the global batch) and
+    recipe.lr_batch_size (the batch the lr is quoted for; null = batch_size)."""
+    cfg = copy.deepcopy(cfg)
+    recipe = cfg.get("recipe")
+    if isinstance(recipe, dict):
+        if "lr_batch_size" not in recipe:  # written before the split: recipe.batch_size was the lr's batch
+            recipe["lr_batch_size"] = recipe.get("batch_size")
+            recipe["batch_size"] = _old_global_batch(cfg, run_dir)
+        if recipe.get("lr_batch_size") is None:
+            recipe["lr_batch_size"] = recipe.get("batch_size")
+    return _flatten(cfg)
+
+
+def config_deviations(have: dict[str, Any], want: dict[str, Any], run_dir: Path | None = None
+                      ) -> dict[str, tuple[Any, Any]]:
+    """Result-changing keys where train config `have` differs from `want`: key -> (have's value, want's value).
+
+    A key one config lacks (a run made at an older commit) stands for the schema's default.
+    """
+    a, b = canonical_config(have, run_dir), canonical_config(want)
+    defaults = _schema_defaults(str(want.get("model", {}).get("name")), str(want.get("data", {}).get("name")))
+    plateau = "plateau" in (a.get("recipe.schedule.name"), b.get("recipe.schedule.name"))
+    neutral = RESULT_NEUTRAL if plateau else RESULT_NEUTRAL | VAL_KEYS
+    diffs = {}
+    for key in sorted({*a, *b} - neutral):
+        x, y = a.get(key, defaults.get(key, ABSENT)), b.get(key, defaults.get(key, ABSENT))
+        if not _same(x, y):
+            diffs[key] = (x, y)
+    return diffs
+
+
+def _config_of(run_dir: Path) -> dict[str, Any] | None:
+    """The resolved config a run dir holds (metrics.json's, config.yaml, .hydra/config.yaml), None if none."""
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        config = (_read_json(metrics) or {}).get("config")
+        if isinstance(config, dict):
+            return config
+    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        if path.is_file():
+            try:
+                return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            except Exception:  # unreadable: try the next
+                continue
+    return None
+
+
+def training_config(run: RunRecord) -> tuple[dict[str, Any] | None, Path | None]:
+    """(the config the run's model was trained with, its run dir): an eval run's from its training run dir, else
+    from the checkpoint it read, with the model config it evaluated."""
+    if run.kind == "train":
+        return run.config, run.path
+    source = run.source
+    config = _config_of(source) if source.is_dir() else None
+    if config is None or "recipe" not in config:
+        weights = Path((run.metrics or {}).get("weights", {}).get("path", ""))
+        try:
+            stored = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+            config = stored.get("config") if isinstance(stored, dict) else None
+        except Exception:  # gone, or not a checkpoint
+            config = None
+        source = None
+    if not isinstance(config, dict) or "recipe" not in config:
+        return None, None
+    return {**config, "model": run.model}, source
+
+
+def run_deviations(run: RunRecord, table: PaperTable, row: PaperRow) -> dict[str, tuple[Any, Any]]:
+    """How a run differs from the row's experiment, in keys that can change its result (empty: a faithful run)."""
+    trained, run_dir = training_config(run)
+    if trained is None:
+        return {"training config": ("not found", "the experiment's")}
+    diffs = config_deviations(trained, experiment_config(table, row), run_dir)
+    if run.kind == "eval":
+        defaults = OmegaConf.to_container(OmegaConf.structured(EvalOptions))
+        used = run.config.get("eval", {})
+        for key in sorted(set(defaults) - EVAL_NEUTRAL):
+            if key in used and not _same(used[key], defaults[key]):
+                diffs[f"eval.{key}"] = (used[key], defaults[key])
+    if run.split != table.split:
+        diffs["measured split"] = (run.split, table.split)
+    return diffs
+
+
+def is_faithful(run: RunRecord, table: PaperTable, row: PaperRow) -> bool:
+    """Is the run a run of the row's experiment (whole split, no result-changing difference)?"""
+    return (run.dataset == table.dataset and run.config["data"].get("limit") is None
+            and run.model.get("name") == row_config(row)["name"] and not run_deviations(run, table, row))
+
+
 @cache
 def complexity(model_json: str) -> tuple[float, float, float]:
     """(million mult-adds, million parameters, million conv+fc weights) of a model config (JSON), on meta tensors."""
@@ -221,6 +437,14 @@ def row_complexity(table: PaperTable, row: PaperRow) -> tuple[float, float]:
 
 
 @dataclass
+class Deviation:
+    """A run of a row's model that is not a run of the row's experiment: never in ours, listed with its differences."""
+
+    run: RunRecord
+    diffs: dict[str, tuple[Any, Any]]  # key -> (the run's value, the experiment's value)
+
+
+@dataclass
 class RowResult:
     """One row of a generated table: the paper's figures, ours, and the runs behind ours."""
 
@@ -230,6 +454,7 @@ class RowResult:
     madds_m: float
     params_m: float
     runs: list[RunRecord] = field(default_factory=list)
+    deviating: list[Deviation] = field(default_factory=list)  # runs of the row's model left out of ours, and why
 
 
 @dataclass
@@ -268,16 +493,37 @@ def _pick_per_source(runs: list[RunRecord]) -> list[RunRecord]:
 
 
 def build_table(table: PaperTable, runs: list[RunRecord]) -> TableResult:
-    """Match runs to the table's rows and compute its columns."""
+    """Match runs to the table's rows and compute its columns.
+
+    A finished run of a row's model on the table's dataset that measured the table's protocol on the whole split
+    is ours when it is faithful to the row's experiment (`run_deviations` empty), else a deviating run of the
+    closest row. Smoke tests (`data.limit`) and runs still training count nowhere.
+    """
     result = TableResult(table, [])
+    faithful: dict[str, list[RunRecord]] = {row.label: [] for row in table.rows}
+    deviating: dict[str, list[Deviation]] = {row.label: [] for row in table.rows}
+    for run in runs:
+        if (run.metrics is None or run.dataset != table.dataset or run.config["data"].get("limit") is not None
+                or run.value(table.protocol, table.metrics[0]) is None):
+            continue
+        if run.weights_format != "repro":  # published weights: matched on dataset, split and model, listed apart
+            result.published += [(row, run) for row in table.rows if matches(run, table, row)]
+            continue
+        rows = [row for row in table.rows if row_config(row)["name"] == run.model.get("name")]
+        diffs = {row.label: run_deviations(run, table, row) for row in rows}
+        exact = [row for row in rows if not diffs[row.label]]
+        for row in exact:
+            faithful[row.label].append(run)
+        if rows and not exact:
+            closest = min(rows, key=lambda r: len(diffs[r.label]))
+            deviating[closest.label].append(Deviation(run, diffs[closest.label]))
     for row in table.rows:
-        matched = [r for r in runs if r.metrics is not None and matches(r, table, row)
-                   and r.value(table.protocol, table.metrics[0]) is not None]
-        ours_runs = _pick_per_source([r for r in matched if r.weights_format == "repro"])
-        result.published += [(row, r) for r in matched if r.weights_format != "repro"]
+        ours_runs = _pick_per_source(faithful[row.label])
+        kept = {id(r) for r in _pick_per_source([d.run for d in deviating[row.label]])}
         ours = {m: [v for r in ours_runs if (v := r.value(table.protocol, m)) is not None] for m in table.metrics}
         madds, params = row_complexity(table, row)
-        result.rows.append(RowResult(row, row_config(row), ours, madds, params, ours_runs))
+        result.rows.append(RowResult(row, row_config(row), ours, madds, params, ours_runs,
+                                     [d for d in deviating[row.label] if id(d.run) in kept]))
     return result
 
 
@@ -329,6 +575,7 @@ def table_records(result: TableResult) -> list[dict[str, Any]]:
                 rec[f"ref_{m}"] = r.row.ref.get(m)
         rec["runs"] = len(r.runs)
         rec["run"] = ";".join(str(run.path) for run in r.runs)
+        rec["deviating_runs"] = len(r.deviating)
         rec["note"] = r.row.note
         records.append(rec)
     return records
@@ -359,6 +606,45 @@ PROTOCOL_NAMES = {"center": "single center crop", "ten_crop": "10-crop", "multi_
 def _fmt(v: float | None, digits: int = 2) -> str:
     """A number for the markdown table, `—` when missing."""
     return MISSING if v is None else f"{round(v, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.00"
+
+
+def _fmt_value(v: Any) -> str:
+    """A config value as written on the command line (null, true, 0.1, [a, b])."""
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt_value(x) for x in v) + "]"
+    return str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def reads_jpeg(run: RunRecord) -> bool:
+    """Did the run read CIFAR as JPEG re-encodings? Image folders of .jpg/.jpeg files where data.root exists
+    (torchvision's pickled batches are the original pixels), else a data.root whose name says jpeg/jpg."""
+    data = run.config.get("data", {})
+    root = data.get("root")
+    if not str(data.get("name", "")).startswith("cifar") or not root:
+        return False
+    path = Path(root)
+    if path.is_dir():
+        if any(path.glob("cifar-*-batches-py")) or (path / "cifar-100-python").is_dir():
+            return False
+        for split in ("test", "train"):
+            classes = sorted(d for d in (path / split).glob("*") if d.is_dir()) if (path / split).is_dir() else []
+            for cls in classes:
+                first = next((f for f in sorted(cls.iterdir()) if f.is_file()), None)
+                if first is not None:
+                    return first.suffix.lower() in (".jpg", ".jpeg")
+    return bool(re.search(r"jpe?g", path.name, re.IGNORECASE))
+
+
+def data_notes(result: TableResult) -> list[str]:
+    """A note when our runs read JPEG re-encodings of CIFAR rather than the original images."""
+    rows = [r.row.label for r in result.rows if any(reads_jpeg(run) for run in r.runs)]
+    if not rows:
+        return []
+    name = "CIFAR-100" if result.table.dataset == "cifar100" else "CIFAR-10"
+    return [f"Data: our runs of {', '.join(rows)} read JPEG re-encodings of {name} (image folders), not the original "
+            f"images; JPEG is lossy, so train and test images differ slightly from the paper's."]
 
 
 def _fmt_option(v: Any) -> str:
@@ -396,10 +682,20 @@ def table_markdown(result: TableResult) -> str:
         "mobilenet") else "all learnable parameters"
     notes.append(f"Our mult-adds and parameters are counted from the models (parameters: {params}); "
                  f"ours ± is the standard deviation over runs (runs = how many).")
+    notes += data_notes(result)
     for row, run in result.published:
         vals = ", ".join(f"{METRIC_NAMES[m]} {_fmt(run.value(table.protocol, m))}" for m in table.metrics)
         notes.append(f"Published weights ({run.weights_format}) evaluated as {row.label}: {vals} ({run.path}).")
     out += [f"- {n}" for n in notes] + [""]
+    deviating = [(r.row, d) for r in result.rows for d in r.deviating]
+    if deviating:
+        out += ["Deviating runs (not in ours: their config differs from the row's experiment in keys that can "
+                "change the result; shown as key=run's value (experiment's value)):", ""]
+        for row, d in deviating:
+            vals = ", ".join(f"{METRIC_NAMES[m]} {_fmt(d.run.value(table.protocol, m))}" for m in table.metrics)
+            keys = "; ".join(f"{k}={_fmt_value(a)} ({_fmt_value(b)})" for k, (a, b) in d.diffs.items())
+            out.append(f"- {row.label}: {vals} ({d.run.path}): {keys}")
+        out.append("")
     commands = reproduce_commands(result)
     if commands:
         what = "all rows" if len(result.missing) == len(table.rows) else ", ".join(r.label for r in result.missing)

@@ -1,6 +1,10 @@
 """The papers' figures from runs (matplotlib, PNG): ResNet Figs. 4, 6, 7 and MobileNet Figs. 4, 5.
 
-A figure whose runs do not exist yet is drawn with the paper's points only and says so on the plot.
+Curves are drawn from the training runs of each row's experiment (the runs its table would count, finished or
+not): training error from TensorBoard's `train/err`, the per-epoch evaluation from metrics.jsonl, on the split
+it names (`"split"`; lines written before it was recorded hold `"val"`, on the run's `val_split`), labelled
+with that split. A figure whose runs do not exist yet is drawn with the paper's points only and says so.
+Each figure function writes its PNG and returns a `Plot` whose matplotlib Figure keeps the plotted data.
 """
 
 from __future__ import annotations
@@ -8,11 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from repro.reference import RESULT_TABLES, PaperRow, PaperTable
-from repro.results import RunRecord, TableResult, matches
+from repro.results import RunRecord, TableResult, experiment_config, is_faithful
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +38,51 @@ def _plt() -> Any:
 # ---------------------------------------------------------------------------------------------- curves
 
 
-def val_curve(run: RunRecord) -> tuple[list[int], list[float]]:
-    """(steps, center-crop top-1 error %) after each evaluation, from metrics.jsonl."""
+@dataclass
+class Curve:
+    """A run's per-epoch evaluation: the split it was measured on, steps and center-crop top-1 error (%)."""
+
+    split: str | None
+    steps: list[int]
+    errs: list[float]
+
+
+def eval_curve(run: RunRecord) -> Curve:
+    """The per-epoch evaluation curve from metrics.jsonl (either line format), else from TensorBoard."""
+    default = run.config.get("val_split")
+    by_split: dict[str | None, Curve] = {}
+    last = None
     path = run.path / "metrics.jsonl"
-    steps, errs = [], []
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
-                steps.append(int(rec["step"]))
-                errs.append(float(rec["val"]["center"]["top1_err"]))
-            except (ValueError, KeyError, TypeError):
+                split = rec.get("split")
+                err = float((rec[split] if split is not None else rec["val"])["center"]["top1_err"])
+                step = int(rec["step"])
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # a line cut short by a killed run
-    return steps, errs
+            last = split if split is not None else default  # old lines: the run's val_split, named "val"
+            curve = by_split.setdefault(last, Curve(last, [], []))
+            curve.steps.append(step)
+            curve.errs.append(err)
+    if by_split:
+        return by_split[last]
+    for tag in dict.fromkeys((f"{default}/top1_err", "val/top1_err")):  # new runs: <split>/..., old: val/...
+        steps, values = _scalars(run, tag)
+        if steps:
+            return Curve(default, steps, values)
+    return Curve(default, [], [])
 
 
-def train_curve(run: RunRecord) -> tuple[list[int], list[float]]:
-    """(steps, training error %) as logged to TensorBoard (`tb/`, scalar `train/err`)."""
+def val_curve(run: RunRecord) -> tuple[list[int], list[float]]:
+    """(steps, center-crop top-1 error %) after each evaluation, whatever split it was on (see `eval_curve`)."""
+    curve = eval_curve(run)
+    return curve.steps, curve.errs
+
+
+def _scalars(run: RunRecord, tag: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one TensorBoard scalar of the run (`tb/`); empty when absent."""
     tb = run.path / "tb"
     if not tb.is_dir():
         return [], []
@@ -57,82 +90,116 @@ def train_curve(run: RunRecord) -> tuple[list[int], list[float]]:
 
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
     acc.Reload()
-    if "train/err" not in acc.Tags().get("scalars", []):
+    if tag not in acc.Tags().get("scalars", []):
         return [], []
-    events = acc.Scalars("train/err")
+    events = acc.Scalars(tag)
     return [e.step for e in events], [e.value for e in events]
 
 
+def train_curve(run: RunRecord) -> tuple[list[int], list[float]]:
+    """(steps, training error %) as logged to TensorBoard (`tb/`, scalar `train/err`)."""
+    return _scalars(run, "train/err")
+
+
+@dataclass
+class Plot:
+    """A drawn figure: the matplotlib Figure (closed, its Axes and their data kept) and how many runs it draws."""
+
+    figure: Any
+    runs: int
+
+
 def _runs_for(runs: list[RunRecord], table: PaperTable, row: PaperRow) -> list[RunRecord]:
-    """Training runs of a row (finished or not) that have a curve to draw."""
-    return [r for r in runs if r.kind == "train" and matches(r, table, row)
+    """Training runs of the row's experiment (finished or not) that have a curve to draw."""
+    return [r for r in runs if r.kind == "train" and is_faithful(r, table, row)
             and ((r.path / "metrics.jsonl").is_file() or (r.path / "tb").is_dir())]
 
 
 def _curve_panel(ax: Any, runs: list[RunRecord], table: PaperTable, rows: list[PaperRow],
-                 paper: dict[str, float], title: str, iterations: float) -> int:
-    """Thin training error and bold validation error per row; the paper's final errors dashed. Runs drawn."""
+                 paper: dict[str, float], title: str, iterations: float) -> tuple[int, list[str]]:
+    """Thin training error and bold evaluation error per row; the paper's final errors dashed.
+
+    Returns the runs drawn and the splits of the bold curves (the rows' experiment's val_split when none is drawn);
+    lines carry gid `train:<run dir>` / `eval:<run dir>`.
+    """
     plt = _plt()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    drawn = 0
+    drawn, splits = 0, []
     for i, row in enumerate(rows):
         color = colors[i % len(colors)]
         labelled = False
         for run in _runs_for(runs, table, row):
-            (ts, te), (vs, ve) = train_curve(run), val_curve(run)
+            (ts, te), curve = train_curve(run), eval_curve(run)
             if ts:
-                ax.plot([s / 1e4 for s in ts], te, color=color, linewidth=0.6, alpha=0.8)
-            if vs:
-                ax.plot([s / 1e4 for s in vs], ve, color=color, linewidth=2.0, label=None if labelled else row.label)
+                ax.plot([s / 1e4 for s in ts], te, color=color, linewidth=0.6, alpha=0.8, gid=f"train:{run.path}")
+            if curve.steps:
+                ax.plot([s / 1e4 for s in curve.steps], curve.errs, color=color, linewidth=2.0, gid=f"eval:{run.path}",
+                        label=None if labelled else row.label)
                 labelled = True
-            drawn += bool(ts or vs)
+                splits += [curve.split] if curve.split not in splits else []
+            drawn += bool(ts or curve.steps)
         if row.label in paper:
             ax.axhline(paper[row.label], color=color, linestyle="--", linewidth=0.8,
                        label=f"{row.label} paper {paper[row.label]:.2f}")
+    if not splits:
+        splits = [experiment_config(table, rows[0]).get("val_split") or "val"]
     ax.set_title(title)
     ax.set_xlabel("iterations (1e4)")
-    ax.set_ylabel("error (%)")
+    ax.set_ylabel(f"{' / '.join(splits)} error (%) bold, train error (%) thin")
     if not drawn:
         ax.set_xlim(0, iterations / 1e4)  # the paper's training length
         ax.text(0.5, 0.5, NO_RUNS, transform=ax.transAxes, ha="center", va="center", color="gray")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    return drawn
+    return drawn, splits
 
 
-def resnet_fig4(runs: list[RunRecord], path: Path) -> int:
+def _splits(*panels: list[str]) -> str:
+    """The evaluation splits of several panels, once each: 'test', 'val / test'."""
+    out: list[str] = []
+    for splits in panels:
+        out += [s for s in splits if s not in out]
+    return " / ".join(out)
+
+
+def resnet_fig4(runs: list[RunRecord], path: Path) -> Plot:
     """ResNet Fig. 4: ImageNet plain-18/34 (left) and ResNet-18/34 (right), thin train, bold val error."""
     plt = _plt()
     table = TABLES["resnet_table2"]
     rows = {r.label: r for r in table.rows}
     paper = {r.label: r.paper["top1_err"] for r in table.rows}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    drawn = _curve_panel(axes[0], runs, table, [rows["plain-18"], rows["plain-34"]], paper, "plain networks",
-                         60e4)
-    drawn += _curve_panel(axes[1], runs, table, [rows["ResNet-18"], rows["ResNet-34"]], paper, "ResNets (option A)",
-                          60e4)
-    fig.suptitle("ResNet Fig. 4: ImageNet training (thin) and center-crop validation (bold) error; "
+    drawn, left = _curve_panel(axes[0], runs, table, [rows["plain-18"], rows["plain-34"]], paper, "plain networks",
+                               60e4)
+    n, right = _curve_panel(axes[1], runs, table, [rows["ResNet-18"], rows["ResNet-34"]], paper,
+                            "ResNets (option A)", 60e4)
+    fig.suptitle(f"ResNet Fig. 4: ImageNet training (thin) and center-crop {_splits(left, right)} (bold) error; "
                  "dashed: paper's 10-crop Table 2", fontsize=9)
-    return _save(fig, path, drawn)
+    return _save(fig, path, drawn + n)
 
 
-def resnet_fig6(runs: list[RunRecord], path: Path) -> int:
+# Fig. 6's plain nets are rows of experiment resnet_fig6 (Table 6 has no plain nets).
+FIG6_PLAINS = [PaperRow(f"plain-{n}", f"plain{n}", select={"experiment": "resnet_fig6", "row": f"cifar_plain{n}"})
+               for n in (20, 32, 44, 56)]
+
+
+def resnet_fig6(runs: list[RunRecord], path: Path) -> Plot:
     """ResNet Fig. 6: CIFAR-10 plain-20...56, ResNet-20...110, ResNet-110 vs 1202; thin train, bold test error."""
     plt = _plt()
     table = TABLES["resnet_table6"]
     resnets = {r.model: r for r in table.rows}
-    plains = [PaperRow(f"plain-{n}", f"plain{n}") for n in (20, 32, 44, 56)]
     paper = {r.label: r.paper["top1_err"] for r in table.rows}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
-    drawn = _curve_panel(axes[0], runs, table, plains, paper, "plain networks", 64e3)
-    drawn += _curve_panel(axes[1], runs, table, [resnets[f"resnet{n}"] for n in (20, 32, 44, 56, 110)], paper,
-                          "ResNets", 64e3)
-    drawn += _curve_panel(axes[2], runs, table, [resnets["resnet110"], resnets["resnet1202"]], paper,
-                          "ResNet-110 vs 1202", 64e3)
+    drawn, splits = 0, []
+    for ax, rows, title in ((axes[0], FIG6_PLAINS, "plain networks"),
+                            (axes[1], [resnets[f"resnet{n}"] for n in (20, 32, 44, 56, 110)], "ResNets"),
+                            (axes[2], [resnets["resnet110"], resnets["resnet1202"]], "ResNet-110 vs 1202")):
+        n, s = _curve_panel(ax, runs, table, rows, paper, title, 64e3)
+        drawn, splits = drawn + n, [*splits, s]
     for ax in axes:
         ax.set_ylim(0, 20)
-    fig.suptitle("ResNet Fig. 6: CIFAR-10 training (thin) and validation (bold) error; dashed: paper's Table 6 "
-                 "test error", fontsize=9)
+    fig.suptitle(f"ResNet Fig. 6: CIFAR-10 training (thin) and {_splits(*splits)} (bold) error; dashed: paper's "
+                 "Table 6 test error", fontsize=9)
     return _save(fig, path, drawn)
 
 
@@ -152,7 +219,7 @@ def fig7_checkpoints(runs: list[RunRecord]) -> dict[str, tuple[Path, str]]:
 
 
 def resnet_fig7(runs: list[RunRecord], path: Path, max_images: int = 1000,
-                stds: dict[str, list[float]] | None = None, data: str = "CIFAR-10") -> int:
+                stds: dict[str, list[float]] | None = None, data: str = "CIFAR-10") -> Plot:
     """ResNet Fig. 7: std of each 3x3 layer's response (after BN, before ReLU), network order and sorted.
 
     The stds are measured from the finished CIFAR-10 runs among `runs`, or given as `stds` (label -> stds).
@@ -170,8 +237,9 @@ def resnet_fig7(runs: list[RunRecord], path: Path, max_images: int = 1000,
     fig, axes = plt.subplots(2, 1, figsize=(8, 6))
     for name in [n for n in FIG7_MODELS if n in stds] + [n for n in stds if n not in FIG7_MODELS]:
         label = name.replace("resnet", "ResNet-").replace("plain", "plain-")
-        axes[0].plot(range(1, len(stds[name]) + 1), stds[name], linewidth=1, label=label)
-        axes[1].plot(range(1, len(stds[name]) + 1), sorted(stds[name], reverse=True), linewidth=1, label=label)
+        axes[0].plot(range(1, len(stds[name]) + 1), stds[name], linewidth=1, label=label, gid=name)
+        axes[1].plot(range(1, len(stds[name]) + 1), sorted(stds[name], reverse=True), linewidth=1, label=label,
+                     gid=name)
     axes[0].set_xlabel("layer index (original)")
     axes[1].set_xlabel("layer index (sorted by magnitude)")
     for ax in axes:
@@ -201,17 +269,20 @@ def _mobilenet_points(result: TableResult, x: str) -> tuple[list, list, list, li
     return paper, slim, ours, std
 
 
-def mobilenet_fig(result: TableResult, path: Path, x: str) -> int:
+def mobilenet_fig(result: TableResult, path: Path, x: str) -> Plot:
     """MobileNet Fig. 4 (x = madds_m, log scale) or Fig. 5 (x = params_m): top-1 accuracy of the 16 models."""
     plt = _plt()
     paper, slim, ours, std = _mobilenet_points(result, x)
     fig, ax = plt.subplots(figsize=(7, 5))
     if paper:
-        ax.scatter([p[0] for p in paper], [p[1] for p in paper], marker="o", color="black", label="paper (Tables 6-7)")
+        ax.scatter([p[0] for p in paper], [p[1] for p in paper], marker="o", color="black", label="paper (Tables 6-7)",
+                   gid="paper")
     if slim:
-        ax.scatter([p[0] for p in slim], [p[1] for p in slim], marker="x", color="gray", label="TF-slim release")
+        ax.scatter([p[0] for p in slim], [p[1] for p in slim], marker="x", color="gray", label="TF-slim release",
+                   gid="slim")
     if ours:
-        ax.errorbar([p[0] for p in ours], [p[1] for p in ours], yerr=std, fmt="s", color="tab:red", label="ours")
+        bars = ax.errorbar([p[0] for p in ours], [p[1] for p in ours], yerr=std, fmt="s", color="tab:red", label="ours")
+        bars.lines[0].set_gid("ours")
         for p in ours:
             ax.annotate(p[2].replace(" MobileNet", ""), (p[0], p[1]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
@@ -232,18 +303,18 @@ def mobilenet_fig(result: TableResult, path: Path, x: str) -> int:
     return _save(fig, path, len(ours))
 
 
-def _save(fig: Any, path: Path, drawn: int) -> int:
-    """Write the figure as PNG and close it; returns how many runs it draws."""
+def _save(fig: Any, path: Path, drawn: int) -> Plot:
+    """Write the figure as PNG and close it (its Axes and data stay readable); returns the Plot."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     _plt().close(fig)
-    return drawn
+    return Plot(fig, drawn)
 
 
 def write_figures(results: list[TableResult], runs: list[RunRecord], out: Path, fig7_images: int = 1000
-                  ) -> dict[str, int]:
-    """Every figure under `out/figures/`: file name -> how many runs (models for Fig. 7) it draws."""
+                  ) -> dict[str, Plot]:
+    """Every figure under `out/figures/`: file name -> its Plot (runs drawn; models for Fig. 7)."""
     grid = next((r for r in results if r.id == "mobilenet_grid"), None)
     figs = out / "figures"
     drawn = {"resnet_fig4.png": resnet_fig4(runs, figs / "resnet_fig4.png"),

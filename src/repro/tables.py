@@ -2,6 +2,7 @@
 
 Writes `<id>.md` and `<id>.csv` per table, `RESULTS.md` (every table and how to reproduce its missing rows)
 and `figures/*.png` to `out` (default: this command's run dir), and can refresh a README's status section.
+Runs are read from `runs=`, by default from results/runs/ (committed run records), outputs/ and multirun/.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from repro.results import (
 log = logging.getLogger("repro.tables")
 
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
-DEFAULT_RUNS = ("outputs", "multirun")
+DEFAULT_RUNS = ("results/runs", "outputs", "multirun")  # committed run records, then local runs
 COMPUTE_TABLES = {"mobilenet_table2": mobilenet_table2, "mobilenet_table3": mobilenet_table3}
 # Every table, paper by paper, in the papers' order (the result tables' data: repro.reference.RESULT_TABLES).
 TABLE_IDS = ("resnet_table2", "resnet_table3", "resnet_table4", "resnet_table6", "mobilenet_table2",
@@ -69,8 +70,8 @@ def generate(runs: list[str] | None, out: Path, ids: list[str] | None = None, fi
         from repro.figures import write_figures
 
         drawn = write_figures([p for p in pages if isinstance(p, TableResult)], found, out, fig7_images)
-        extra = ["Figures (`figures/`): " + ", ".join(f"[{name}](figures/{name}) ({_runs(n)})"
-                                                      for name, n in drawn.items()), ""]
+        extra = ["Figures (`figures/`): " + ", ".join(f"[{name}](figures/{name}) ({_runs(plot.runs)})"
+                                                      for name, plot in drawn.items()), ""]
     (out / "RESULTS.md").write_text(results_page(pages, extra))
     return pages
 

@@ -306,6 +306,11 @@ class ColorJitter(nn.Module):
         n = x.shape[0]
         factors = 1 + (torch.rand(n, 3, device=x.device) * 2 - 1) * self.strength  # [N, (b, c, s)]
         order = torch.rand(n, 3, device=x.device).argsort(1)  # each image's own order of the three
+        return self.blend(x, factors, order)
+
+    def blend(self, x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """Blend with the given factors [N, (brightness, contrast, saturation)] in the given order [N, 3]."""
+        n = x.shape[0]
         for step in range(3):
             which = order[:, step]  # [N]: 0 brightness, 1 contrast, 2 saturation
             alpha = factors.gather(1, which[:, None]).view(n, 1, 1, 1).to(x.dtype)

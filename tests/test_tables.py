@@ -43,9 +43,15 @@ def compose_cfg(config: str, *overrides: str) -> dict:
 
 def train_run(root: Path, name: str, overrides: list[str], errs: dict[str, tuple[float, float]],
               val_curve: list[tuple[int, float]] = (), train_curve: list[tuple[int, float]] = (),
-              finished: bool = True) -> Path:
-    """A run dir as repro-train leaves it: config.yaml, metrics.json (final errors per protocol), curves."""
+              finished: bool = True, split: str | None = None, edit=None) -> Path:
+    """A run dir as repro-train leaves it: config.yaml, metrics.json (final errors per protocol), curves.
+
+    metrics.jsonl lines hold the evaluation under "val" (the format before issue 19) unless `split` names it;
+    `edit(cfg)` changes the composed config in place (e.g. removes keys an older commit did not write).
+    """
     cfg = compose_cfg("train", "name=fab", *overrides)
+    if edit is not None:
+        edit(cfg)
     out = root / name
     (out / ".hydra").mkdir(parents=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -56,7 +62,9 @@ def train_run(root: Path, name: str, overrides: list[str], errs: dict[str, tuple
         (out / "metrics.json").write_text(json.dumps(metrics))
     with open(out / "metrics.jsonl", "w") as f:
         for step, err in val_curve:
-            f.write(json.dumps({"epoch": 0, "step": step, "lr": 0.1, "val": {"center": {"top1_err": err}}}) + "\n")
+            at = {"center": {"top1_err": err, "top5_err": 0.0, "images": 10000, "skipped": 0}}
+            line = {"epoch": 0, "step": step, "lr": 0.1, **({"split": split, split: at} if split else {"val": at})}
+            f.write(json.dumps(line) + "\n")
     if train_curve:
         from torch.utils.tensorboard import SummaryWriter
 

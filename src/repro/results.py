@@ -337,6 +337,8 @@ def canonical_config(cfg: dict[str, Any], run_dir: Path | None = None) -> dict[s
             recipe["batch_size"] = _old_global_batch(cfg, run_dir)
         if recipe.get("lr_batch_size") is None:
             recipe["lr_batch_size"] = recipe.get("batch_size")
+    if "test_split" in cfg:  # the split reported: test_split=null reports val_split
+        cfg["test_split"] = cfg["test_split"] or cfg.get("val_split")
     return _flatten(cfg)
 
 

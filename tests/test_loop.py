@@ -1,0 +1,322 @@
+"""The training loop's features, each watched from outside while it trains: gradient accumulation, bf16/fp16
+autocast and the grad scaler, label smoothing, the ResNet-110 warm-up, the weight EMA, best.pt, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from repro.cli import CONFIG_DIR
+from repro.config import register_configs
+from repro.data import build_dataset
+from repro.distributed import Dist
+from repro.models import create_model_from_config
+from repro.train import Run, check_config, fit, setup, train_one_epoch
+
+CPU = torch.device("cpu")
+# Tiny models: one thread (oneDNN's spinning threads cost 10-50x on a loaded 2-core machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = ("data.image_size=16", "model.resolution=16")  # digits at 16 x 16: a quarter of the default's work
+DIGITS_MEAN = 0.5  # the digits recipe normalizes with mean 0.5, std 0.5
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def make_run(tmp_path: Path, *overrides: str) -> Run:
+    """setup() of repro-train (digits at 16 x 16, CPU) on a composed config."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["name=loop", "trainer.progress=false", "trainer.device=cpu", *SMALL,
+                                          *overrides])
+    check_config(cfg)
+    out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+    out.mkdir()
+    return setup(cfg, Dist(), CPU, out)
+
+
+class Watch:
+    """Records what the loop does, without changing it: each training forward's logits and its labels, the
+    loss handed to the grad scaler, the lr and weights at each optimizer step, a convolution's output dtype."""
+
+    def __init__(self, run: Run) -> None:
+        self.logits: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.losses: list[torch.Tensor] = []
+        self.scaled: list[torch.Tensor] = []
+        self.lrs: list[float] = []
+        self.weights: list[dict[str, torch.Tensor]] = []
+        self.conv_dtypes: list[torch.dtype] = []
+        run.raw.register_forward_hook(self._forward)
+        conv = next(m for m in run.raw.modules() if isinstance(m, nn.Conv2d))
+        conv.register_forward_hook(lambda m, a, out: self.conv_dtypes.append(out.dtype) if m.training else None)
+        run.optimizer.register_step_pre_hook(lambda opt, a, k: self.lrs.append(opt.param_groups[0]["lr"]))
+        run.optimizer.register_step_post_hook(
+            lambda opt, a, k: self.weights.append({n: v.detach().clone() for n, v in run.raw.state_dict().items()}))
+        scale = run.scaler.scale
+
+        def watched_scale(loss: torch.Tensor) -> torch.Tensor:
+            out = scale(loss)
+            self.losses.append(loss.detach().clone())
+            self.scaled.append(out.detach().clone())
+            return out
+
+        run.scaler.scale = watched_scale
+        run.data.loader = _WatchedLoader(run.data.loader, self.labels)
+
+    def _forward(self, module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        if module.training:
+            self.logits.append(out.detach().float().clone())
+
+
+class _WatchedLoader:
+    """The run's training loader, its labels recorded as the loop reads them."""
+
+    def __init__(self, loader: Any, labels: list[torch.Tensor]) -> None:
+        self.loader, self.labels, self.sampler = loader, labels, loader.sampler
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.labels.append(batch["labels"].clone())
+            yield batch
+
+
+def close(*runs: Run) -> None:
+    """Close the runs' TensorBoard writers."""
+    for run in runs:
+        if run.writer is not None:
+            run.writer.close()
+
+
+def freeze_bn(model: nn.Module) -> None:
+    """Keep every BatchNorm in eval mode (running statistics) even when the loop calls model.train()."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+            m.train = lambda mode=True, m=m: m  # model.train() reaches children through their own train()
+
+
+def params(run: Run) -> dict[str, torch.Tensor]:
+    """The run's parameters (copies)."""
+    return {n: p.detach().clone() for n, p in run.raw.named_parameters()}
+
+
+def digits_error(run: Run, split: str, state: dict[str, torch.Tensor]) -> float:
+    """Top-1 error (%) of the weights `state` on a digits split, computed here (plain model, fp32, NCHW)."""
+    ds = build_dataset(run.cfg.data, split)
+    net = create_model_from_config({**dict(run.cfg.model), "num_classes": 10})
+    net.load_state_dict(state)
+    net.eval()
+    x = (torch.stack([ds[i][0] for i in range(len(ds))]).float() / 255 - DIGITS_MEAN) / 0.5
+    with torch.no_grad():
+        pred = torch.cat([net(x[i:i + 120]) for i in range(0, len(x), 120)]).argmax(1)
+    return 100.0 * float((pred != torch.tensor(ds.labels)).float().mean())
+
+
+# -------------------------------------------------------------------------------- gradient accumulation
+def test_accumulated_step_equals_one_big_step(tmp_path):
+    """trainer.grad_accum=2 at a global batch of 64: two micro-batches of 32 make exactly the step one batch of
+    64 makes (the same 64 images, uncropped: the crops are seeded per micro-batch; BN frozen so that the forward
+    does not depend on the batch split)."""
+    big = make_run(tmp_path, "recipe.batch_size=64", "trainer.max_steps=1", "recipe.augment.train=none")
+    acc = make_run(tmp_path, "recipe.batch_size=64", "trainer.grad_accum=2", "trainer.max_steps=1",
+                   "recipe.augment.train=none")
+    try:
+        start = params(big)
+        assert all(torch.equal(start[n], p) for n, p in params(acc).items())  # same seed, same init
+        watches = []
+        for run in (big, acc):
+            freeze_bn(run.raw)
+            watches.append(Watch(run))
+            train_one_epoch(run)
+    finally:
+        close(big, acc)
+    wb, wa = watches
+    assert [len(y) for y in wb.labels] == [64] and [len(y) for y in wa.labels] == [32, 32]
+    assert torch.equal(wb.labels[0], torch.cat(wa.labels))  # the same images, in the same order
+    assert wb.lrs == wa.lrs == [pytest.approx(0.1)]
+    moved = 0.0
+    for n, p in params(big).items():
+        step_big, step_acc = p - start[n], params(acc)[n] - start[n]
+        torch.testing.assert_close(step_acc, step_big, rtol=1e-3, atol=1e-7, msg=n)
+        moved = max(moved, float(step_big.abs().max()))
+    assert moved > 1e-3  # a real step, not a no-op
+
+
+# -------------------------------------------------------------------------------------------------- AMP
+@pytest.mark.parametrize(("amp", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_autocast_is_active_and_steps_like_fp32(tmp_path, amp, dtype):
+    """trainer.amp=bf16|fp16 on CPU: the convolutions compute in that dtype, the loss stays fp32, fp16 goes through
+    the grad scaler (loss x 2^16, unscaled before the step), and the step is fp32's to low-precision accuracy."""
+    ref = make_run(tmp_path, "recipe.batch_size=32", "trainer.max_steps=1", "trainer.amp=off")
+    low = make_run(tmp_path, "recipe.batch_size=32", "trainer.max_steps=1", f"trainer.amp={amp}")
+    try:
+        start = params(ref)
+        wr, wl = Watch(ref), Watch(low)
+        train_one_epoch(ref)
+        train_one_epoch(low)
+    finally:
+        close(ref, low)
+    assert wr.conv_dtypes == [torch.float32] and wl.conv_dtypes == [dtype]
+    assert wl.losses[0].dtype == torch.float32
+    assert low.scaler.is_enabled() == (amp == "fp16")
+    factor = float(wl.scaled[0] / wl.losses[0])
+    assert factor == (65536.0 if amp == "fp16" else 1.0)
+    assert low.progress.step == 1 and len(wl.lrs) == 1  # the step was taken, not skipped as non-finite
+    a = torch.cat([(p - start[n]).flatten() for n, p in params(ref).items()])
+    b = torch.cat([(p - start[n]).flatten() for n, p in params(low).items()])
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.95  # bf16: 8 mantissa bits; we see 0.98
+    assert 0.85 < float(b.norm() / a.norm()) < 1.15
+
+
+# --------------------------------------------------------------------------------------- label smoothing
+def test_label_smoothing_is_the_loss_trained_on(tmp_path):
+    """recipe.label_smoothing=0.2: the loss the loop backpropagates is the cross-entropy against the smoothed
+    targets (1 - e + e/K on the label, e/K elsewhere), computed by hand from the logits the model produced."""
+    run = make_run(tmp_path, "recipe.batch_size=32", "trainer.max_steps=2", "recipe.label_smoothing=0.2")
+    try:
+        watch = Watch(run)
+        train_one_epoch(run)
+    finally:
+        close(run)
+    assert len(watch.losses) == 2
+    eps, k = 0.2, 10
+    for logits, labels, loss in zip(watch.logits, watch.labels, watch.losses):
+        logp = logits.double().log_softmax(1)
+        target = torch.full_like(logp, eps / k)
+        target[torch.arange(len(labels)), labels] += 1 - eps
+        expected = float(-(target * logp).sum(1).mean())
+        plain = float(-logp[torch.arange(len(labels)), labels].mean())
+        assert float(loss) == pytest.approx(expected, rel=1e-5)
+        assert abs(expected - plain) > 1e-3  # smoothing makes a difference the check can see
+
+
+# ---------------------------------------------------------------------------------------------- warm-up
+def test_warmup_holds_low_lr_until_training_error_falls(tmp_path):
+    """ResNet §4.2 (ResNet-110): the warm-up lr (0.01 in the paper, 0.05 here) while the training error the loop
+    reports is >= the threshold, the recipe's lr from the step after the first report below it; the errors are
+    recomputed here from the logits."""
+    run = make_run(tmp_path, "recipe.batch_size=32", "trainer.max_steps=16", "trainer.log_every=1",
+                   "recipe.schedule.name=constant", "recipe.optimizer.lr=0.4", "recipe.schedule.warmup_lr=0.05",
+                   "recipe.schedule.warmup_until_train_err=80")  # lr 0.4 at batch 64: 0.2 at 32
+    try:
+        watch = Watch(run)
+        train_one_epoch(run)
+    finally:
+        close(run)
+    errs = [100.0 * float((lg.argmax(1) != y).float().mean()) for lg, y in zip(watch.logits, watch.labels)]
+    first_below = next(i for i, e in enumerate(errs) if e < 80)  # the warm-up must end inside this run (we see 5)
+    expected = [0.05 if i <= first_below else 0.2 for i in range(len(errs))]
+    assert watch.lrs == pytest.approx(expected), errs
+    assert first_below < len(errs) - 2  # both phases happen
+
+
+# ------------------------------------------------------------------------------------------ weight EMA
+def test_ema_is_the_hand_computed_average_and_is_reported(tmp_path):
+    """recipe.ema_decay=0.5, 5 steps: the averaged weights (BN statistics too) equal the average computed here
+    from the weights after each step (timm's ModelEmaV3 with the loop's step count: the first two updates copy,
+    then e = d e + (1 - d) w); metrics.json reports them as `center`, the raw weights as `center_noema`."""
+    run = make_run(tmp_path, "recipe.batch_size=64", "trainer.max_steps=5", "recipe.ema_decay=0.5")
+    try:
+        watch = Watch(run)
+        fit(run)
+    finally:
+        close(run)
+    assert len(watch.weights) == 5
+    expected = dict(watch.weights[1])
+    for w in watch.weights[2:]:
+        expected = {n: 0.5 * expected[n] + 0.5 * v if v.is_floating_point() else v for n, v in w.items()}
+    ck = torch.load(run.out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    for n, v in expected.items():
+        torch.testing.assert_close(ck["ema"][n], v, msg=n)
+        torch.testing.assert_close(run.ema.module.state_dict()[n], v, msg=n)
+    raw = watch.weights[-1]
+    assert all(torch.equal(ck["model"][n], v) for n, v in raw.items())
+    assert max(float((ck["ema"][n] - raw[n]).abs().max()) for n in raw if raw[n].is_floating_point()) > 1e-3
+    metrics = json.loads((run.out / "metrics.json").read_text())
+    assert metrics["split"] == "test"
+    assert metrics["center"]["top1_err"] == pytest.approx(digits_error(run, "test", expected), abs=0.3)
+    assert metrics["center_noema"]["top1_err"] == pytest.approx(digits_error(run, "test", raw), abs=0.3)
+
+
+# --------------------------------------------------------------------------------------------- best.pt
+def test_best_checkpoint_holds_the_best_validation_epoch(tmp_path):
+    """3 epochs, the lr x30 in the last one (so it validates worse): best.pt holds the weights of the epoch with
+    the lowest validation error, which reproduce that error when evaluated here; last.pt holds the last ones."""
+    run = make_run(tmp_path, "recipe.batch_size=64", "data.limit=640", "trainer.max_epochs=3",
+                   "recipe.schedule.milestones=[10.0]", "recipe.schedule.gamma=30")
+    try:
+        watch = Watch(run)
+        fit(run)
+    finally:
+        close(run)
+    history = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
+    errs = [h[h.get("split", "val")]["center"]["top1_err"] for h in history]
+    assert len(errs) == 3 and len(watch.weights) == 30  # 3 epochs of 10 steps, evaluated after each
+    best = min(range(3), key=lambda i: errs[i])
+    assert errs[2] > errs[best]  # the test needs a best epoch that is not the last
+    ck = torch.load(run.out / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    assert ck["progress"]["step"] == history[best]["step"] == 10 * (best + 1)
+    after = watch.weights[10 * (best + 1) - 1]  # the weights after that epoch's last step
+    assert all(torch.equal(ck["model"][n], v) for n, v in after.items())
+    assert digits_error(run, "val", ck["model"]) == pytest.approx(errs[best], abs=0.6)
+    last = torch.load(run.out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(last["model"][n], v) for n, v in watch.weights[-1].items())
+
+
+# -------------------------------------------------------------------------------------------- torchrun
+DRIVER = """
+import sys, torch
+import repro.train as train
+
+_fit = train.fit
+
+
+def fit(run):
+    _fit(run)
+    torch.save({k: v.detach().clone() for k, v in run.raw.state_dict().items()}, f"rank{run.dist.rank}.pt")
+
+
+train.fit = fit
+train.main()
+"""
+
+
+def _clean_env() -> dict[str, str]:
+    """The environment without a surrounding torchrun's variables."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path):
+    """torchrun, 2 gloo processes: one run dir, each test image counted once, the lr of the global batch, and
+    both ranks end with the same parameters (checksums) and the same BN statistics."""
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    (tmp_path / "driver.py").write_text(DRIVER)
+    res = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "driver.py", "trainer.max_steps=20",
+                          "trainer.checkpoint_every=5", "name=ddp", "trainer.progress=false"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=400, env=_clean_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "outputs" / "train").iterdir()] == ["ddp"]
+    run = tmp_path / "outputs" / "train" / "ddp"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 20 and metrics["center"]["images"] == 360
+    assert metrics["center"]["top1_err"] < 40.0  # 20 steps learn digits (chance: 90%); we see ~10-25%
+    ck = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert ck["progress"]["step"] == 20 and not any(k.startswith("module.") for k in ck["model"])
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001)  # 0.1 / 100 past 75% of the run
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    checksums = [{k: float(v.double().sum()) for k, v in s.items() if v.is_floating_point()} for s in ranks]
+    names = {n for n, _ in create_model_from_config(ck["config"]["model"]).named_parameters()}
+    assert {n: checksums[0][n] for n in names} == {n: checksums[1][n] for n in names}
+    for n, v in ranks[0].items():
+        assert torch.equal(v, ranks[1][n]), n  # parameters and BN statistics alike
+        assert torch.equal(v, ck["model"][n]), n  # and rank 0's are the checkpoint's

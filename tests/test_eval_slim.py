@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -252,6 +255,37 @@ def test_repro_eval_bn_recalibrate_reports_both(tmp_path, repro_eval):
     probs = {p: [float(r["prob1"]) for r in rows if r["protocol"] == p] for p in ("center", "center_bnrecal")}
     assert len(probs["center"]) == len(probs["center_bnrecal"]) == 40
     assert probs["center"] != probs["center_bnrecal"]
+
+
+def test_bn_recalibrate_under_torchrun_equals_one_process(tmp_path, repro_eval):
+    """2 CPU ranks each recalibrate on their half of the images and combine: with one image per batch (statistics
+    that do not depend on how images are grouped) the recalibrated numbers equal one process's."""
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "r20.pt"
+    torch.save({"model": create_model("resnet20", num_classes=10).state_dict(),
+                "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3},
+                "config": {"model": {"name": "resnet20", "resolution": 32, "num_classes": 10, "shortcut": "A",
+                                     "shortcut_pad": "after", "zero_init_residual": False}}}, ckpt)
+    args = ["data=digits", "data.split=test", "data.limit=12", "data.batch_size=1", f"weights.path={ckpt}",
+            "eval.progress=false", "eval.save_predictions=true", "eval.bn_recalibrate=10"]
+    (tmp_path / "multi").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    res = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "repro.eval", *args],
+                         cwd=tmp_path / "multi", capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    code, out = repro_eval(*args, cwd=tmp_path / "single")
+    assert code == 0, out
+    multi, single = (json.loads((_run_dir(tmp_path / d) / "metrics.json").read_text()) for d in ("multi", "single"))
+    assert multi["bn_recalibrate"]["images"] == single["bn_recalibrate"]["images"] == 10
+    assert multi["center_bnrecal"] == single["center_bnrecal"] and multi["center"] == single["center"]
+    rows = {}
+    for d in ("multi", "single"):
+        with open(_run_dir(tmp_path / d) / "predictions.csv", newline="") as f:
+            rows[d] = sorted((r["protocol"], r["path"], r["pred1"], float(r["prob1"])) for r in csv.DictReader(f))
+    assert [r[:3] for r in rows["multi"]] == [r[:3] for r in rows["single"]]
+    assert [r[3] for r in rows["multi"]] == pytest.approx([r[3] for r in rows["single"]], abs=1e-5)
 
 
 def test_repro_eval_refuses_negative_bn_recalibrate(tmp_path, repro_eval):

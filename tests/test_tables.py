@@ -20,9 +20,11 @@ from repro.config import register_configs
 from repro.reference import RESULT_TABLES
 from repro.results import (
     MISSING,
+    RunRecord,
     build_table,
     build_tables,
     discover_runs,
+    is_faithful,
     matches,
     mobilenet_table2,
     mobilenet_table3,
@@ -115,10 +117,13 @@ def cifar_runs(tmp_path_factory) -> Path:
     # An evaluation of that run's checkpoint: the same trained model, so it must not count as a second run.
     eval_run(root, "eval_r56", ["model=resnet56", "data=cifar10", *CIFAR, "data.split=test"], {"center": (7.2, 0.3)},
              r56 / "checkpoints" / "last.pt")
-    # Runs that are not Table 6 rows: a plain net, option B, the 5k val split, a 500-image smoke test.
-    train_run(root, "p20", [*exp, "row=cifar_plain20"], {"center": (9.9, 0.5)}, val_curve=[(100, 70.0)])
+    # Runs that do not count for Table 6: a plain net (Fig. 6), option B and the val split (deviating runs of
+    # ResNet-20), a 500-image smoke test.
+    train_run(root, "p20", ["experiment=resnet_fig6", "row=cifar_plain20", *CIFAR], {"center": (9.9, 0.5)},
+              val_curve=[(100, 70.0)])
     train_run(root, "r20_B", [*exp, "row=cifar_resnet20", "model.shortcut=B"], {"center": (1.0, 0.1)})
-    train_run(root, "r20_val", [*exp, "row=cifar_resnet20", "test_split=null"], {"center": (2.0, 0.1)})
+    train_run(root, "r20_val", [*exp, "row=cifar_resnet20", "test_split=null", "val_split=val"],
+              {"center": (2.0, 0.1)})
     train_run(root, "r20_limit", [*exp, "row=cifar_resnet20", "data.limit=500"], {"center": (3.0, 0.1)})
     # Published weights evaluated: listed apart, not averaged with ours.
     eval_run(root, "eval_aka", ["model=resnet20", "data=cifar10", *CIFAR, "data.split=test"], {"center": (8.27, 0.4)},
@@ -146,6 +151,9 @@ def test_every_row_is_trained_by_its_experiment(table_id):
                               "config": cfg})()
         hits = [other.label for other in table.rows if matches(fake, table, other)]
         assert hits == [row.label], (row.label, hits)
+        # The run that command makes is the row's own run (counted), and no other row's.
+        run = RunRecord(Path("run"), cfg, None, "train")
+        assert [other.label for other in table.rows if is_faithful(run, table, other)] == [row.label], row.label
 
 
 def test_row_config_is_the_model_file_with_the_row_options():
@@ -260,6 +268,11 @@ def test_table6_rows_mean_std_and_missing(cifar_runs):
     assert "| ResNet-20 | 32 | 8.75 | 8.50 ± 0.50 | -0.25 | 8.27 |" in md
     assert "| ResNet-32 | 32 | 7.51 | — | — | 7.37 |" in md
     assert "Published weights (akamaster) evaluated as ResNet-20: top-1 err 8.27" in md
+    # Option B and the val split are ResNet-20 runs of another experiment: listed, not counted.
+    assert r20["deviating_runs"] == "2"
+    assert f"- ResNet-20: top-1 err 1.00 ({cifar_runs / 'r20_B'}): model.shortcut=B (A)" in md
+    assert f"- ResNet-20: top-1 err 2.00 ({cifar_runs / 'r20_val'}): test_split=val (test); measured split=val " \
+           "(test)" in md
     cmds = reproduce_commands(res)
     assert cmds == ["repro-train -m experiment=resnet_table6 row=cifar_resnet32,cifar_resnet44,cifar_resnet110,"
                     "cifar_resnet1202 data.root=/path/to/cifar10"]
@@ -276,9 +289,16 @@ def test_accuracy_tables_from_error_runs(tmp_path):
     runs = discover_runs([str(tmp_path)])
     from repro.figures import mobilenet_fig
 
+    grid_result = build_table(TABLES["mobilenet_grid"], runs)
+    ours = {r.row.label: r for r in grid_result.rows}
     for x in ("madds_m", "params_m"):  # Figs. 4 and 5 put our two measured models beside the paper's points
-        assert mobilenet_fig(build_table(TABLES["mobilenet_grid"], runs), tmp_path / f"{x}.png", x) == 2
-        assert (tmp_path / f"{x}.png").stat().st_size > 10_000
+        plot = mobilenet_fig(grid_result, tmp_path / f"{x}.png", x)
+        ax = plot.figure.axes[0]
+        line = next(ln for ln in ax.get_lines() if ln.get_gid() == "ours")
+        at = [getattr(ours[label], x) for label in ("0.5 MobileNet-224", "0.5 MobileNet-160")]  # the grid's order
+        assert plot.runs == 2 and list(line.get_xdata()) == at
+        assert list(line.get_ydata()) == pytest.approx([100 - 36.3, 100 - 39.5])
+        assert ax.get_ylabel() == "ImageNet top-1 accuracy (%)" and ax.get_xscale() == "log"
     grid = csv_rows(build_table(TABLES["mobilenet_grid"], runs).csv())
     assert float(grid["0.5 MobileNet-160"]["ours_top1_acc"]) == pytest.approx(60.5)
     assert float(grid["0.5 MobileNet-160"]["ours_top5_acc"]) == pytest.approx(82.5)
@@ -343,26 +363,100 @@ def product(sweep: dict) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------ figures
-def test_figures_written_with_and_without_runs(cifar_runs, tmp_path):
-    """Every figure is a non-empty PNG; Fig. 6 draws the CIFAR runs, the others say they have none."""
-    from repro.figures import resnet_fig7, train_curve, val_curve, write_figures
+def lines_by_gid(ax) -> dict[str, tuple[list[float], list[float]]]:
+    """An Axes' run curves: gid -> (x data, y data)."""
+    return {ln.get_gid(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines() if ln.get_gid()}
+
+
+def test_fig6_draws_the_runs_curves(cifar_runs, tmp_path):
+    """Fig. 6 plots each counted run's train/err (thin) and metrics.jsonl curve (bold) at iterations / 1e4, the
+    paper's Table 6 errors dashed; deviating runs and smoke tests are not drawn; the y label names the split."""
+    from repro.figures import resnet_fig6
 
     runs = discover_runs([str(cifar_runs)])
+    plot = resnet_fig6(runs, tmp_path / "f6.png")
+    plains, resnets, deep = plot.figure.axes
+    r = {name: cifar_runs / name for name in ("r20_s0", "r20_s1", "r20_s2", "r32_running", "p20")}
+    want = {}
+    for seed in ("r20_s0", "r20_s1", "r20_s2"):
+        want[f"eval:{r[seed]}"] = ([0.01, 0.02], [60.0, 30.0])
+        want[f"train:{r[seed]}"] = ([0.005, 0.015, 0.025], [80.0, 40.0, 20.0])
+    want[f"eval:{r['r32_running']}"] = ([0.01], [50.0])  # still training: its curve so far
+    assert lines_by_gid(resnets) == pytest.approx(want)
+    assert lines_by_gid(plains) == {f"eval:{r['p20']}": ([0.01], [70.0])}
+    assert lines_by_gid(deep) == {}
+    assert plot.runs == 5
+    dashed = sorted(ln.get_ydata()[0] for ln in resnets.get_lines() if ln.get_linestyle() == "--")
+    assert dashed == sorted([8.75, 7.51, 7.17, 6.97, 6.43])
+    # The experiment evaluates the test split each epoch (old lines say "val"; the run's val_split is test).
+    assert resnets.get_ylabel().startswith("test error (%)") and deep.get_ylabel().startswith("test error (%)")
+    assert (tmp_path / "f6.png").is_file()
+
+
+def test_curves_read_both_metrics_formats_and_tensorboard(tmp_path):
+    """New lines name their split (`"split": "val"`, metrics under "val"); old ones hold "val" on the run's
+    val_split; a run with no metrics.jsonl falls back on TensorBoard's `<split>/top1_err`. Labels follow."""
+    from repro.figures import eval_curve, resnet_fig6
+
+    exp = ["experiment=resnet_table6", "row=cifar_resnet20", *CIFAR]
+    new = train_run(tmp_path, "new", [*exp, "val_split=val"], {"center": (8.0, 0.5)}, split="val",
+                    val_curve=[(390, 50.0), (780, 40.0)])
+    old = train_run(tmp_path / "o", "old", exp, {"center": (8.0, 0.5)}, val_curve=[(390, 55.0)])
+    tb = train_run(tmp_path / "t", "tb", exp, {"center": (8.0, 0.5)})
+    (tb / "metrics.jsonl").unlink()
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tb / "tb")) as w:
+        for step, err in ((390, 45.0), (780, 35.0)):
+            w.add_scalar("test/top1_err", err, step)
+    curves = {p.name: eval_curve(r) for p in (new, old, tb) for r in discover_runs([str(p)])}
+    assert (curves["new"].split, curves["new"].steps, curves["new"].errs) == ("val", [390, 780], [50.0, 40.0])
+    assert (curves["old"].split, curves["old"].steps, curves["old"].errs) == ("test", [390], [55.0])
+    assert (curves["tb"].split, curves["tb"].steps, curves["tb"].errs) == ("test", [390, 780], [45.0, 35.0])
+    ax = resnet_fig6(discover_runs([str(new)]), tmp_path / "a.png").figure.axes[1]
+    assert ax.get_ylabel().startswith("val error (%)")
+    assert lines_by_gid(ax)[f"eval:{new}"] == pytest.approx(([0.039, 0.078], [50.0, 40.0]))
+    fig = resnet_fig6(discover_runs([str(new), str(old)]), tmp_path / "b.png").figure
+    assert fig.axes[1].get_ylabel().startswith("val / test error (%)")
+    assert "training (thin) and val / test (bold) error" in fig._suptitle.get_text()
+
+
+def test_figures_without_runs_show_the_papers_points(tmp_path):
+    """No runs: Figs. 4 and 6 draw only the paper's dashed errors and say so; MobileNet Figs. 4/5 plot the paper's
+    and TF-slim's points exactly; every PNG is written."""
+    from repro.figures import NO_RUNS, write_figures
+
     grid = build_tables([], ["mobilenet_grid"])
-    drawn = write_figures(grid, runs, tmp_path)
-    assert set(drawn) == {"resnet_fig4.png", "resnet_fig6.png", "resnet_fig7.png", "mobilenet_fig4.png",
+    plots = write_figures(grid, [], tmp_path)
+    assert set(plots) == {"resnet_fig4.png", "resnet_fig6.png", "resnet_fig7.png", "mobilenet_fig4.png",
                           "mobilenet_fig5.png"}
-    for name in drawn:
-        data = (tmp_path / "figures" / name).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
-    # plain-20, three ResNet-20 seeds and the still-training ResNet-32; the others are not Table 6 rows.
-    assert drawn["resnet_fig6.png"] == 5 and drawn["resnet_fig4.png"] == 0 and drawn["mobilenet_fig4.png"] == 0
-    r20 = next(r for r in runs if r.path.name == "r20_s0")
-    assert train_curve(r20) == ([50, 150, 250], [80.0, 40.0, 20.0])
-    assert val_curve(r20) == ([100, 200], [60.0, 30.0])
-    # Fig. 7 from given stds (the checkpoint path is tested with the analysis module).
-    assert resnet_fig7([], tmp_path / "f7.png", stds={"resnet20": [1.0, 0.5, 0.7], "plain20": [2.0, 1.0]}) == 2
-    assert (tmp_path / "f7.png").stat().st_size > 10_000
+    assert all(p.runs == 0 and (tmp_path / "figures" / name).is_file() for name, p in plots.items())
+    f4 = plots["resnet_fig4.png"].figure.axes
+    assert [lines_by_gid(ax) for ax in f4] == [{}, {}]
+    assert sorted(ln.get_ydata()[0] for ln in f4[0].get_lines()) == [27.94, 28.54]  # plain-18/34, Table 2
+    assert f4[0].get_ylabel().startswith("val error (%)")  # ImageNet: the val split
+    assert all(NO_RUNS in [t.get_text() for t in ax.texts] for ax in f4)
+    ax = plots["mobilenet_fig4.png"].figure.axes[0]
+    paper = [(r.paper["madds_m"], r.paper["top1_acc"]) for r in TABLES["mobilenet_grid"].rows
+             if "top1_acc" in r.paper and "madds_m" in r.paper]
+    slim = [(r.ref["madds_m"], r.ref["top1_acc"]) for r in TABLES["mobilenet_grid"].rows
+            if "top1_acc" in r.ref and "madds_m" in r.ref]
+    points = {c.get_gid(): [tuple(p) for p in c.get_offsets()] for c in ax.collections}
+    assert points == {"paper": paper, "slim": slim} and len(paper) == 7 and len(slim) == 16
+    assert "ours" not in lines_by_gid(ax)
+
+
+def test_fig7_plots_the_given_stds(tmp_path):
+    """Fig. 7: each model's stds in network order (top) and sorted descending (bottom), layer index from 1."""
+    from repro.figures import resnet_fig7
+
+    plot = resnet_fig7([], tmp_path / "f7.png", stds={"resnet20": [1.0, 0.5, 0.7], "plain20": [2.0, 1.0]})
+    top, bottom = plot.figure.axes
+    assert plot.runs == 2
+    assert lines_by_gid(top) == {"plain20": ([1, 2], [2.0, 1.0]), "resnet20": ([1, 2, 3], [1.0, 0.5, 0.7])}
+    assert lines_by_gid(bottom) == {"plain20": ([1, 2], [2.0, 1.0]), "resnet20": ([1, 2, 3], [1.0, 0.7, 0.5])}
+    assert (top.get_ylabel(), top.get_xlabel(), bottom.get_xlabel()) == (
+        "std", "layer index (original)", "layer index (sorted by magnitude)")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -459,10 +553,12 @@ def test_real_train_and_eval_runs_are_read(tmp_path):
     # A table of digits rows (the project's embedded dataset stands in for a paper's).
     table = PaperTable("digits", "ResNet-20 on digits.", "test", "digits", "test", "center", ("top1_err",),
                        (PaperRow("ResNet-20", "resnet20", paper={"top1_err": 5.0}),), "none")
-    rec = csv_rows(build_table(table, runs).csv())["ResNet-20"]
+    res = build_table(table, runs)
+    rec = csv_rows(res.csv())["ResNet-20"]
+    # 40 steps instead of the digits recipe's length: a deviating run (its eval is the same model), never ours.
+    assert (rec["runs"], rec["ours_top1_err"], rec["deviating_runs"]) == ("0", "", "1")
     final = json.loads((run_dir / "metrics.json").read_text())["center"]["top1_err"]
-    assert rec["runs"] == "1" and float(rec["ours_top1_err"]) == pytest.approx(final, abs=1e-4)
-    assert Path(rec["run"]).name == "real"
+    assert f"top-1 err {final:.2f} ({run_dir}): trainer.max_steps=40 (null)" in res.markdown()
 
 
 @pytest.mark.slow
@@ -484,5 +580,6 @@ def test_fig7_from_a_real_cifar_checkpoint(tmp_path):
 
     stds = checkpoint_response_stds(found["resnet20"][0], split="val", max_images=100)["std"]
     assert len(stds) == 19 and all(s > 0 and math.isfinite(s) for s in stds)
-    assert resnet_fig7(runs, tmp_path / "f7.png", max_images=100) == 1
-    assert (tmp_path / "f7.png").stat().st_size > 10_000
+    top = resnet_fig7(runs, tmp_path / "f7.png", max_images=100).figure.axes[0]
+    (line,) = top.get_lines()
+    assert line.get_gid() == "resnet20" and list(line.get_ydata()) == pytest.approx(stds, rel=1e-6)

@@ -119,8 +119,8 @@ def _curve_panel(ax: Any, runs: list[RunRecord], table: PaperTable, rows: list[P
                  paper: dict[str, float], title: str, iterations: float) -> tuple[int, list[str]]:
     """Thin training error and bold evaluation error per row; the paper's final errors dashed.
 
-    Returns the runs drawn and the splits of the bold curves (the rows' experiment's val_split when none is drawn);
-    lines carry gid `train:<run dir>` / `eval:<run dir>`.
+    Returns the runs drawn and the splits of the bold curves drawn (the y label names them, or the rows'
+    experiment's val_split when none is drawn); lines carry gid `train:<run dir>` / `eval:<run dir>`.
     """
     plt = _plt()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -141,11 +141,9 @@ def _curve_panel(ax: Any, runs: list[RunRecord], table: PaperTable, rows: list[P
         if row.label in paper:
             ax.axhline(paper[row.label], color=color, linestyle="--", linewidth=0.8,
                        label=f"{row.label} paper {paper[row.label]:.2f}")
-    if not splits:
-        splits = [experiment_config(table, rows[0]).get("val_split") or "val"]
     ax.set_title(title)
     ax.set_xlabel("iterations (1e4)")
-    ax.set_ylabel(f"{' / '.join(splits)} error (%) bold, train error (%) thin")
+    ax.set_ylabel(f"{' / '.join(splits) or _default_split(table, rows[0])} error (%) bold, train error (%) thin")
     if not drawn:
         ax.set_xlim(0, iterations / 1e4)  # the paper's training length
         ax.text(0.5, 0.5, NO_RUNS, transform=ax.transAxes, ha="center", va="center", color="gray")
@@ -154,12 +152,18 @@ def _curve_panel(ax: Any, runs: list[RunRecord], table: PaperTable, rows: list[P
     return drawn, splits
 
 
-def _splits(*panels: list[str]) -> str:
-    """The evaluation splits of several panels, once each: 'test', 'val / test'."""
+def _default_split(table: PaperTable, row: PaperRow) -> str:
+    """The split the row's experiment evaluates after each epoch (its val_split)."""
+    return str(experiment_config(table, row).get("val_split") or "val")
+
+
+def _splits(table: PaperTable, *panels: list[str]) -> str:
+    """The evaluation splits drawn in several panels, once each ('test', 'val / test'); none drawn: the table's
+    experiment's."""
     out: list[str] = []
     for splits in panels:
         out += [s for s in splits if s not in out]
-    return " / ".join(out)
+    return " / ".join(out) or _default_split(table, table.rows[0])
 
 
 def resnet_fig4(runs: list[RunRecord], path: Path) -> Plot:
@@ -173,7 +177,7 @@ def resnet_fig4(runs: list[RunRecord], path: Path) -> Plot:
                                60e4)
     n, right = _curve_panel(axes[1], runs, table, [rows["ResNet-18"], rows["ResNet-34"]], paper,
                             "ResNets (option A)", 60e4)
-    fig.suptitle(f"ResNet Fig. 4: ImageNet training (thin) and center-crop {_splits(left, right)} (bold) error; "
+    fig.suptitle(f"ResNet Fig. 4: ImageNet training (thin) and center-crop {_splits(table, left, right)} (bold) error; "
                  "dashed: paper's 10-crop Table 2", fontsize=9)
     return _save(fig, path, drawn + n)
 
@@ -198,7 +202,7 @@ def resnet_fig6(runs: list[RunRecord], path: Path) -> Plot:
         drawn, splits = drawn + n, [*splits, s]
     for ax in axes:
         ax.set_ylim(0, 20)
-    fig.suptitle(f"ResNet Fig. 6: CIFAR-10 training (thin) and {_splits(*splits)} (bold) error; dashed: paper's "
+    fig.suptitle(f"ResNet Fig. 6: CIFAR-10 training (thin) and {_splits(table, *splits)} (bold) error; dashed: paper's "
                  "Table 6 test error", fontsize=9)
     return _save(fig, path, drawn)
 

@@ -713,8 +713,10 @@ DATA_ROOTS = {"imagenet": "/path/to/imagenet", "cifar10": "/path/to/cifar10"}
 @cache
 def _sweep_params(experiment: str) -> dict[str, list[str]]:
     """The sweep of `configs/experiment/<experiment>.yaml`: key -> values as written."""
-    cfg = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml")
-    params = OmegaConf.select(cfg, "hydra.sweeper.params", default={}) or {}
+    path = Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml"
+    if not path.is_file():  # an ad-hoc table with no experiment file
+        return {}
+    params = OmegaConf.select(OmegaConf.load(path), "hydra.sweeper.params", default={}) or {}
     return {k: [v.strip() for v in str(vals).split(",")] for k, vals in params.items()}
 
 
@@ -767,8 +769,8 @@ def reproduce_commands(result: TableResult) -> list[str]:
 @cache
 def _final_protocols(experiment: str) -> tuple[str, ...]:
     """The protocols an experiment's runs measure at the end."""
-    cfg = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml")
-    return tuple(cfg.get("final_protocols", ["center"]))
+    path = Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml"
+    return tuple(OmegaConf.load(path).get("final_protocols", ["center"])) if path.is_file() else ("center",)
 
 
 # ------------------------------------------------------------------------------------------------ pages

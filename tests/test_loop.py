@@ -271,6 +271,57 @@ def test_best_checkpoint_holds_the_best_validation_epoch(tmp_path):
     assert all(torch.equal(last["model"][n], v) for n, v in watch.weights[-1].items())
 
 
+# ---------------------------------------------------------------------------------------------- sync_bn
+def _clean_env() -> dict[str, str]:
+    """The environment without a surrounding torchrun's variables."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+
+
+class FakeDDP(nn.Module):
+    """DistributedDataParallel's place in setup(), without a process group."""
+
+    def __init__(self, module: nn.Module, device_ids: Any = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_sync_bn_converts_every_batchnorm(tmp_path, monkeypatch, sync):
+    """trainer.sync_bn=true on 2 processes: every BatchNorm of the model the loop trains (and the optimizer
+    updates) is a SyncBatchNorm inside DDP; false leaves them plain. Rank 0 of 2, DDP faked (no process group)."""
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", FakeDDP)
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["name=loop", "trainer.progress=false", "trainer.device=cpu", *SMALL,
+                                          f"trainer.sync_bn={str(sync).lower()}"])
+    run = setup(cfg, Dist(rank=0, world_size=2), CPU, tmp_path)
+    close(run)
+    plain = create_model_from_config({**dict(cfg.model), "num_classes": 10})
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    kinds = [type(m) for m in run.raw.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert kinds == [nn.SyncBatchNorm if sync else nn.BatchNorm2d] * n_bn and n_bn == 19
+    assert isinstance(run.model, FakeDDP) and run.model.module is run.raw
+    trained = {id(p) for g in run.optimizer.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in run.raw.parameters()}
+    assert run.raw.state_dict().keys() == plain.state_dict().keys()  # checkpoints load as a plain model
+
+
+@pytest.mark.slow
+def test_sync_bn_on_cpu_is_refused_with_a_message(tmp_path):
+    """PyTorch's SyncBatchNorm needs GPUs: on 2 CPU processes the run stops with a message naming it, no checkpoint."""
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    res = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "repro.train", "trainer.max_steps=2",
+                          "trainer.sync_bn=true", "name=sbn", "trainer.progress=false"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env=_clean_env())
+    assert res.returncode != 0
+    assert "SyncBatchNorm" in res.stderr and "GPU" in res.stderr
+    assert not list(tmp_path.rglob("*.pt"))
+
+
 # -------------------------------------------------------------------------------------------- torchrun
 DRIVER = """
 import sys, torch
@@ -287,11 +338,6 @@ def fit(run):
 train.fit = fit
 train.main()
 """
-
-
-def _clean_env() -> dict[str, str]:
-    """The environment without a surrounding torchrun's variables."""
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
 
 
 @pytest.fixture(scope="module")

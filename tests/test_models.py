@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -197,12 +199,53 @@ def test_unknown_model_names_valid_choices():
         create_model("resnet19")
 
 
-def test_model_kwargs_are_constructor_arguments():
-    """Every advertised kwarg is accepted by its factory."""
-    for name in list_models():
-        if name == "resnet1202":
-            continue
-        defaults = {"shortcut": "A" if name.startswith(("resnet2", "resnet3", "resnet4", "resnet5", "resnet1"))
-                    and default_resolution(name) == 32 else "B"}
-        kwargs = {k: defaults[k] for k in model_kwargs(name) if k in defaults}
-        create_model(name, **kwargs)
+# A value other than the constructor's default for every advertised option (the defaults: see the README table).
+NON_DEFAULT = {"shortcut": "C", "stride_in_1x1": False, "num_classes": 7, "zero_init_residual": True,
+               "shortcut_pad": "split", "width_mult": 0.5, "full_conv": True, "shallow": True, "activation": "relu",
+               "dropout": 0.5}
+# (model, option) pairs that change nothing: stride placement only matters in bottleneck blocks.
+NO_EFFECT = {("resnet18", "stride_in_1x1"), ("resnet34", "stride_in_1x1")}
+
+
+def _difference(a: nn.Module, b: nn.Module, size: int) -> str | None:
+    """The first way two models differ: state-dict keys or shapes, weights, eval outputs, train outputs; or None."""
+    sa, sb = a.state_dict(), b.state_dict()
+    if {k: v.shape for k, v in sa.items()} != {k: v.shape for k, v in sb.items()}:
+        return "structure"
+    if not all(torch.equal(sa[k], sb[k]) for k in sa):
+        return "weights"
+    x = 20 * torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # large: ReLU6 clips
+    with torch.no_grad():
+        if not torch.equal(a.eval()(x), b.eval()(x)):
+            return "eval outputs"
+        a, b = copy.deepcopy(a), copy.deepcopy(b)  # a training forward moves the BN statistics
+        torch.manual_seed(0)
+        ya = a.train()(x)
+        torch.manual_seed(0)
+        if not torch.equal(ya, b.train()(x)):  # dropout acts in training only
+            return "train outputs"
+    return None
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", [n for n in IMAGENET + CIFAR if n != "resnet1202"])
+def test_model_kwargs_are_constructor_arguments(name):
+    """Every advertised option is accepted, and a non-default value changes the model (its layers, weights, or
+    function); built from the same seed, the default options give the same model twice."""
+    size = 64 if default_resolution(name) == 224 else 32
+
+    def build(**kwargs):
+        torch.manual_seed(0)
+        return create_model(name, **kwargs)
+
+    base = build()
+    assert _difference(base, build(), size) is None
+    for option in model_kwargs(name):
+        value = NON_DEFAULT[option]
+        if name.startswith("mobilenet_v2") and option == "dropout":
+            value = 0.0  # V2's default is 0.2
+        changed = _difference(base, build(**{option: value}), size)
+        if (name, option) in NO_EFFECT:
+            assert changed is None, option
+        else:
+            assert changed, f"{name}: {option}={value!r} changes nothing"

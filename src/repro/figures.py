@@ -144,8 +144,8 @@ def _curve_panel(ax: Any, runs: list[RunRecord], table: PaperTable, rows: list[P
     ax.set_title(title)
     ax.set_xlabel("iterations (1e4)")
     ax.set_ylabel(f"{' / '.join(splits) or _default_split(table, rows[0])} error (%) bold, train error (%) thin")
+    ax.set_xlim(0, iterations / 1e4)  # the paper's training length, however far the runs have got
     if not drawn:
-        ax.set_xlim(0, iterations / 1e4)  # the paper's training length
         ax.text(0.5, 0.5, NO_RUNS, transform=ax.transAxes, ha="center", va="center", color="gray")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 from common import ROOT
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
-from repro.models import create_model_from_config, list_models, model_kwargs
+from repro.models import create_model, create_model_from_config, default_resolution, list_models, model_kwargs
 
 
 def compose_summary(*overrides: str):
@@ -41,13 +42,26 @@ def test_one_model_config_per_architecture():
         assert set(cfg) == {"name", "resolution", *model_kwargs(name)}
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", [n for n in list_models() if n != "resnet1202"])
 def test_model_configs_build_their_model(name):
-    """Each model config builds its model with the config's values."""
+    """Each model config builds create_model(name, **the options its YAML file states), read here with PyYAML:
+    the same layers and shapes, the same weights from the same seed, the same function; at the YAML's resolution."""
+    raw = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())
+    options = {k: v for k, v in raw.items() if k not in ("defaults", "name", "resolution")}
+    assert raw["name"] == name and set(options) == set(model_kwargs(name))  # the YAML states every option
     cfg = OmegaConf.to_container(compose_summary(f"model={name}").model)
-    model = create_model_from_config(cfg)
-    assert model.training is True
-    assert cfg["resolution"] in (32, 224)
+    assert cfg["resolution"] == raw["resolution"] == default_resolution(name)  # 224 ImageNet, 32 CIFAR
+    torch.manual_seed(0)
+    built = create_model_from_config(cfg)
+    torch.manual_seed(0)
+    expected = create_model(name, **options)
+    a, b = built.state_dict(), expected.state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(1, 3, 64 if cfg["resolution"] == 224 else 32, 64 if cfg["resolution"] == 224 else 32) * 20
+    with torch.no_grad():
+        assert torch.equal(built.eval()(x), expected.eval()(x))
 
 
 def test_typo_in_override_fails_when_config_is_built():

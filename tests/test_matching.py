@@ -193,13 +193,16 @@ def test_evaluations_judged_by_their_training_run_and_protocol(tmp_path):
     torch.save({"config": good.config, "model": {}}, elsewhere)
     moved = eval_run(tmp_path / "ev", "moved", cifar, {"center": (8.2, 0.5)}, elsewhere)
     assert run_deviations(discover_runs([str(moved)])[0], T6, R20) == {}
-    torch.save({"config": bad.config, "model": {}}, elsewhere)
-    assert run_deviations(discover_runs([str(moved)])[0], T6, R20) == {"recipe.optimizer.lr": (0.2, 0.1)}
+    moved_bad = tmp_path / "moved_bad" / "r20.pt"
+    moved_bad.parent.mkdir()
+    torch.save({"config": bad.config, "model": {}}, moved_bad)
+    ev_bad = eval_run(tmp_path / "ev_bad", "moved", cifar, {"center": (5.2, 0.5)}, moved_bad)
+    assert run_deviations(discover_runs([str(ev_bad)])[0], T6, R20) == {"recipe.optimizer.lr": (0.2, 0.1)}
     # In the table: the good run once (its own metrics, not its eval's 8.1) and the moved checkpoint (a model of its
-    # own); the eval with logits and the bad run (deduplicated with its eval) listed as deviating.
-    torch.save({"config": good.config, "model": {}}, elsewhere)
+    # own); the eval with logits and the bad run (deduplicated with its eval) listed as deviating, and the moved bad
+    # checkpoint.
     r20 = csv_rows(build_table(T6, discover_runs([str(tmp_path)])).csv())["ResNet-20"]
-    assert (r20["runs"], float(r20["ours_top1_err"]), r20["deviating_runs"]) == ("2", (8.0 + 8.2) / 2, "2")
+    assert (r20["runs"], float(r20["ours_top1_err"]), r20["deviating_runs"]) == ("2", (8.0 + 8.2) / 2, "3")
 
 
 # ------------------------------------------------------------------------ the committed ResNet-20 record

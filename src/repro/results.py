@@ -376,6 +376,17 @@ def _config_of(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+@cache
+def _checkpoint_config(path: str, mtime: float) -> dict[str, Any] | None:
+    """The run config a repro checkpoint stores (read once per file version), None if it holds none."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a checkpoint torch can read
+        return None
+    config = stored.get("config") if isinstance(stored, dict) else None
+    return config if isinstance(config, dict) else None
+
+
 def training_config(run: RunRecord) -> tuple[dict[str, Any] | None, Path | None]:
     """(the config the run's model was trained with, its run dir): an eval run's from its training run dir, else
     from the checkpoint it read, with the model config it evaluated."""
@@ -385,11 +396,8 @@ def training_config(run: RunRecord) -> tuple[dict[str, Any] | None, Path | None]
     config = _config_of(source) if source.is_dir() else None
     if config is None or "recipe" not in config:
         weights = Path((run.metrics or {}).get("weights", {}).get("path", ""))
-        try:
-            stored = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-            config = stored.get("config") if isinstance(stored, dict) else None
-        except Exception:  # gone, or not a checkpoint
-            config = None
+        mtime = weights.stat().st_mtime if weights.is_file() else None
+        config = copy.deepcopy(_checkpoint_config(str(weights), mtime)) if mtime is not None else None
         source = None
     if not isinstance(config, dict) or "recipe" not in config:
         return None, None

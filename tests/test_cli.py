@@ -42,26 +42,46 @@ def test_one_model_config_per_architecture():
         assert set(cfg) == {"name", "resolution", *model_kwargs(name)}
 
 
+# Command-line values other than every model's defaults, for each option a model config may hold.
+OVERRIDES = {"shortcut": "C", "stride_in_1x1": False, "num_classes": 7, "zero_init_residual": True,
+             "shortcut_pad": "split", "width_mult": 0.5, "full_conv": True, "shallow": True, "activation": "relu",
+             "dropout": 0.3}
+
+
+def _same_model(built: torch.nn.Module, expected: torch.nn.Module, size: int) -> None:
+    """Same layers (repr: activations, dropout rates), shapes, seeded weights and outputs."""
+    assert repr(built) == repr(expected)
+    a, b = built.state_dict(), expected.state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 20
+    with torch.no_grad():
+        assert torch.equal(built.eval()(x), expected.eval()(x))
+
+
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", [n for n in list_models() if n != "resnet1202"])
 def test_model_configs_build_their_model(name):
-    """Each model config builds create_model(name, **the options its YAML file states), read here with PyYAML:
-    the same layers and shapes, the same weights from the same seed, the same function; at the YAML's resolution."""
+    """Each model config builds create_model(name, **the options its YAML file states), read here with PyYAML
+    (same layers, shapes, seeded weights and outputs) at the zoo's resolution; and with every option overridden
+    on the command line (to values that are no model's default), create_model with those values."""
     raw = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())
     options = {k: v for k, v in raw.items() if k not in ("defaults", "name", "resolution")}
     assert raw["name"] == name and set(options) == set(model_kwargs(name))  # the YAML states every option
     cfg = OmegaConf.to_container(compose_summary(f"model={name}").model)
     assert cfg["resolution"] == raw["resolution"] == default_resolution(name)  # 224 ImageNet, 32 CIFAR
+    size = 64 if cfg["resolution"] == 224 else 32
     torch.manual_seed(0)
     built = create_model_from_config(cfg)
     torch.manual_seed(0)
-    expected = create_model(name, **options)
-    a, b = built.state_dict(), expected.state_dict()
-    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    x = torch.randn(1, 3, 64 if cfg["resolution"] == 224 else 32, 64 if cfg["resolution"] == 224 else 32) * 20
-    with torch.no_grad():
-        assert torch.equal(built.eval()(x), expected.eval()(x))
+    _same_model(built, create_model(name, **options), size)
+    changed = {k: OVERRIDES[k] for k in options}
+    args = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changed.items()]
+    cfg = OmegaConf.to_container(compose_summary(f"model={name}", *args).model)
+    torch.manual_seed(0)
+    built = create_model_from_config(cfg)
+    torch.manual_seed(0)
+    _same_model(built, create_model(name, **changed), size)
 
 
 def test_typo_in_override_fails_when_config_is_built():

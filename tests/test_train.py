@@ -798,7 +798,8 @@ def test_repro_eval_reads_config_from_checkpoint(default_run, in_process, tmp_pa
         assert ev.returncode == 0, ev.stderr
         out = json.loads(next((cwd / "outputs" / "eval").glob("*/metrics.json")).read_text())
         assert out["config"]["data"]["name"] == "digits" and out["config"]["data"]["split"] == "test"
-        assert out["center"]["images"] == 360 and math.isfinite(out["center"]["top1_err"])
+        # The default run reaches <= 5% (test_default_run_trains_digits); chance is 90%.
+        assert out["center"]["images"] == 360 and out["center"]["top1_err"] <= (5.0 if name == "last" else 8.0)
         if name == "last":  # the same weights the training run evaluated at its end
             train = json.loads((runs[0] / "metrics.json").read_text())
             assert out["center"]["top1_err"] == pytest.approx(train["center"]["top1_err"])

@@ -366,9 +366,6 @@ def test_torchrun_two_cpu_processes(torchrun_run):
     assert res.returncode == 0, res.stderr[-3000:]
     assert [p.name for p in (cwd / "outputs" / "train").iterdir()] == ["ddp"]
     run = cwd / "outputs" / "train" / "ddp"
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == 40 and metrics["center"]["images"] == 360
-    assert metrics["center"]["top1_err"] < 50.0  # 40 steps of 64 digits (chance: 90%); we see 29%
     ck = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert ck["progress"]["step"] == 40 and not any(k.startswith("module.") for k in ck["model"])
     assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001)  # 0.1 / 100 past 75% of the run
@@ -378,6 +375,9 @@ def test_torchrun_two_cpu_processes(torchrun_run):
     assert {n: checksums[0][n] for n in names} == {n: checksums[1][n] for n in names}
     for n, v in ranks[0].items():
         assert torch.equal(v, ck["model"][n]), n
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 40 and metrics["center"]["images"] == 360
+    assert metrics["center"]["top1_err"] < 50.0  # 40 steps of 64 digits (chance: 90%); we see 29%
 
 
 @pytest.mark.slow

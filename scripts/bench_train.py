@@ -104,7 +104,7 @@ def compose_config(args: argparse.Namespace, root: Path | None) -> DictConfig:
         "model=resnet20", "data=cifar10", "recipe=resnet_cifar",
         f"data.root={root if root is not None else '/nonexistent'}",
         f"data.limit={args.limit}",
-        f"data.batch_size={args.batch_size}",
+        f"recipe.batch_size={args.batch_size}",
         "test_split=null",  # cifar10-jpeg holds train/ only; evaluation is not timed anyway
         f"trainer.device={args.device}",
         "trainer.checkpoint_every=1000000000",  # no checkpoint writes inside the timed steps

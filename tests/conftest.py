@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
+from hydra.core.global_hydra import GlobalHydra
 
 
 @pytest.fixture(scope="module")
@@ -13,3 +20,42 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@dataclass
+class Result:
+    """What a command left: exit code and output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def in_process(monkeypatch, capfd):
+    """Run a console script's main() in this process (no interpreter start-up), leaving no Hydra/logging state."""
+
+    def run(main, prog: str, *args: str, cwd: Path) -> Result:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [prog, *args])
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        handlers_before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+        capfd.readouterr()
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code
+        finally:
+            GlobalHydra.instance().clear()
+            for h in [h for h in root.handlers if h not in handlers]:
+                root.removeHandler(h)
+                h.close()
+            root.setLevel(level)
+            for s, h in handlers_before.items():
+                signal.signal(s, h)
+        out, err = capfd.readouterr()
+        return Result(code, out, err)
+
+    return run

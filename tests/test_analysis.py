@@ -251,7 +251,7 @@ def test_checkpoint_stds_equal_independent_computation(trained_checkpoint):
 
     ck = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
     model = load_weights(create_model_from_config(ck["config"]["model"]), ck, "repro")
-    images, _, _ = digits_tensors(OmegaConf.create(ck["config"]["data"]), "test")
+    images, _, _, _ = digits_tensors(OmegaConf.create(ck["config"]["data"]), "test")
     pre = ck["preprocessing"]
     mean, std = torch.tensor(pre["mean"]).view(1, 3, 1, 1), torch.tensor(pre["std"]).view(1, 3, 1, 1)
     x = (images[[i * len(images) // 50 for i in range(50)]].float() / 255 - mean) / std

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import math
 import os
 import shutil
@@ -12,19 +11,18 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from timm.optim import RMSpropTF
 from torch import nn
 
 from common import CIFAR_ROOT, ROOT, cifar_train_only
+from conftest import Result
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.distributed import Dist, export_slurm_env
@@ -53,45 +51,6 @@ def sweep_jobs(experiment: str) -> list[list[str]]:
     axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
             else [f"{o.get_key_element()}={o.get_value_element_as_str()}"] for o in parsed]
     return [[f"experiment={experiment}", *job] for job in itertools.product(*axes)]
-
-
-@dataclass
-class Result:
-    """What a command left: exit code and output."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def in_process(monkeypatch, capfd):
-    """Run a console script's main() in this process (no interpreter start-up), leaving no Hydra/logging state."""
-
-    def run(main, prog: str, *args: str, cwd: Path) -> Result:
-        monkeypatch.chdir(cwd)
-        monkeypatch.setattr(sys, "argv", [prog, *args])
-        root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level
-        handlers_before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        capfd.readouterr()
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = 0 if e.code is None else e.code
-        finally:
-            GlobalHydra.instance().clear()
-            for h in [h for h in root.handlers if h not in handlers]:
-                root.removeHandler(h)
-                h.close()
-            root.setLevel(level)
-            for s, h in handlers_before.items():
-                signal.signal(s, h)
-        out, err = capfd.readouterr()
-        return Result(code, out, err)
-
-    return run
 
 
 def clean_env() -> dict[str, str]:
@@ -201,10 +160,10 @@ EXPECTED_JOBS = {
     "mobilenet_table7": ("mobilenet_v1", "imagenet", ["center"], [_v1(1.0, r) for r in (224, 192, 160, 128)]),
     "mobilenet_table8": ("mobilenet_v1", "imagenet", ["center"], [_v1(1.0, 224)]),
     "mobilenet_table9": ("mobilenet_v1", "imagenet", ["center"], [_v1(0.5, 160)]),
-    "mobilenet_grid": ("mobilenet_v1", "imagenet", ["center"],
+    "mobilenet_grid": ("mobilenet_v1", "imagenet", ["center", "slim_center"],
                        [_v1(w, r) for w in (1.0, 0.75, 0.5, 0.25) for r in (224, 192, 160, 128)]),
     "mobilenetv2_table4": ("mobilenet_v2", "imagenet", ["center"], [_v2(1.0, 224), _v2(1.4, 224)]),
-    "mobilenetv2_grid": ("mobilenet_v2", "imagenet", ["center"],
+    "mobilenetv2_grid": ("mobilenet_v2", "imagenet", ["center", "slim_center"],
                          [_v2(w, r) for w in (1.0, 0.75, 0.5, 0.35) for r in (224, 192, 160, 128, 96)]),
 }
 
@@ -263,8 +222,8 @@ def schedule(recipe: str, total: int, *overrides: str) -> LRSchedule:
 
 def test_resnet_cifar_full_length(make_run):
     """resnet_cifar at 64k steps, batch 128, one process: lr 0.1, then 0.01 from 32k, 0.001 from 48k."""
-    run = make_run("recipe=resnet_cifar", "data.batch_size=128")
-    assert run.total_steps == 64000
+    run = make_run("recipe=resnet_cifar")
+    assert run.total_steps == 64000 and run.data.loader.sampler.batch_size == 128
     s = run.schedule
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
     expected = {0: 0.1, 31999: 0.1, 32000: 0.01, 47999: 0.01, 48000: 0.001, 63999: 0.001}
@@ -273,7 +232,7 @@ def test_resnet_cifar_full_length(make_run):
 
 def test_resnet_cifar_shortened_keeps_shape(make_run):
     """Shortened to 6400 steps the schedule changes at 3200 and 4800 (the same 50% / 75% of the run)."""
-    run = make_run("recipe=resnet_cifar", "data.batch_size=128", "trainer.max_steps=6400")
+    run = make_run("recipe=resnet_cifar", "trainer.max_steps=6400")
     assert run.total_steps == 6400
     expected = {0: 0.1, 3199: 0.1, 3200: 0.01, 4799: 0.01, 4800: 0.001, 6399: 0.001}
     assert {k: run.schedule.lr(k) for k in expected} == pytest.approx(expected)
@@ -281,7 +240,7 @@ def test_resnet_cifar_shortened_keeps_shape(make_run):
 
 def test_resnet110_warmup_until_train_error_below_80(make_run):
     """ResNet-110's row: 0.01 while the training error is >= 80%, 0.1 once the loop reports it below."""
-    run = make_run("recipe=resnet_cifar", "row=cifar_resnet110", "data=digits", "data.batch_size=128")
+    run = make_run("recipe=resnet_cifar", "row=cifar_resnet110", "data=digits")
     s = run.schedule
     assert s.lr(0) == pytest.approx(0.01)
     assert s.observe_train(20, 90.0) is False and s.lr(20) == pytest.approx(0.01)
@@ -303,8 +262,8 @@ def test_mobilenet_v1_exponential_per_epoch():
 
 
 def test_mobilenet_v2_staircase_every_2_5_epochs():
-    """mobilenet_v2: x0.98 every 2.5 epochs, a staircase (100 steps per epoch here)."""
-    s = schedule("mobilenet_v2", 400 * 100)
+    """mobilenet_v2_slim (TF-slim's release): x0.98 every 2.5 epochs, a staircase (100 steps per epoch here)."""
+    s = schedule("mobilenet_v2_slim", 400 * 100)
     expected = {0: 0.045, 249: 0.045, 250: 0.045 * 0.98, 499: 0.045 * 0.98, 500: 0.045 * 0.98**2,
                 100 * 250 - 1: 0.045 * 0.98**99, 100 * 250: 0.045 * 0.98**100}
     assert {k: s.lr(k) for k in expected} == pytest.approx(expected, rel=1e-12)
@@ -343,16 +302,19 @@ def test_resnet_imagenet_plateau():
     assert s.lr(0) == pytest.approx(1e-5)  # min_lr
 
 
-@pytest.mark.parametrize(("overrides", "lr"), [
-    (("data.batch_size=128",), 0.1),  # the recipe's batch: no scaling
-    (("data.batch_size=64",), 0.05),  # half the batch, half the lr
-    (("data.batch_size=64", "trainer.grad_accum=2"), 0.1),  # 2 micro-batches of 64 = global 128
-    (("data.batch_size=32", "trainer.grad_accum=2"), 0.05),
-    (("data.batch_size=64", "recipe.scale_lr=false"), 0.1),  # scaling off
+@pytest.mark.parametrize(("overrides", "lr", "per_process", "steps"), [
+    ((), 0.1, 128, 64000),  # the paper: 64k steps of 128 at lr 0.1
+    (("data.batch_size=16",), 0.1, 128, 64000),  # the evaluation batch changes nothing of training
+    (("trainer.grad_accum=2",), 0.1, 64, 64000),  # 2 micro-batches of 64 = the global 128
+    (("recipe.batch_size=64",), 0.05, 64, 128000),  # half the global batch: half the lr, twice the steps
+    (("recipe.batch_size=256", "trainer.grad_accum=4"), 0.2, 64, 32000),
+    (("recipe.batch_size=64", "recipe.scale_lr=false"), 0.1, 64, 128000),  # scaling off
 ])
-def test_lr_scales_with_global_batch(make_run, overrides, lr):
-    """The run's lr is recipe lr x global batch / recipe batch (unless recipe.scale_lr=false)."""
+def test_lr_scales_with_global_batch(make_run, overrides, lr, per_process, steps):
+    """recipe.batch_size is the global batch; the lr is recipe lr x batch_size / lr_batch_size (unless
+    recipe.scale_lr=false); a step-counted recipe keeps the paper's images seen (64k x 128)."""
     run = make_run("recipe=resnet_cifar", *overrides)
+    assert run.data.loader.sampler.batch_size == per_process and run.total_steps == steps
     assert run.schedule.base_lr == pytest.approx(lr)
     assert [g["lr"] for g in run.optimizer.param_groups] == pytest.approx([lr] * len(run.optimizer.param_groups))
     assert run.schedule.lr(0) == pytest.approx(lr)
@@ -427,6 +389,7 @@ def test_no_weight_decay_on_depthwise_and_bn():
     ("model.shortcut=D", "shortcut='D' is not valid; choose one of ['A', 'B', 'C']"),
     ("final_protocols=[ten_crop]", "data=digits is evaluated on the image itself: final_protocols=[center] only"),
     ("data.batch_size=0", "data.batch_size=0 is not valid; it must be > 0"),
+    ("recipe.batch_size=0", "recipe.batch_size=0 is not valid; it must be > 0"),
     ("trainer.max_steps=-3", "trainer.max_steps=-3 is not valid; it must be > 0"),
     ("val_split=holdout", "val_split='holdout' is not a split of data=digits; choose one of ['train', 'val', 'test', "
                           "'trainval']"),
@@ -477,7 +440,7 @@ def test_nan_before_any_checkpoint_says_none_was_kept(in_process, tmp_path):
 
 # ------------------------------------------------------------------------ the CUDA options, run on CPU
 @pytest.mark.parametrize("args", [
-    ("trainer.grad_accum=2", "data.batch_size=32"),
+    ("trainer.grad_accum=2",),
     pytest.param(("trainer.amp=bf16",), marks=pytest.mark.slow),  # bf16 autocast is slow on CPU (~30 s)
     pytest.param(("trainer.compile=true",), marks=pytest.mark.slow),
 ])
@@ -490,7 +453,8 @@ def test_loop_options_run_on_cpu(in_process, tmp_path, args):
     accum = 2 if "trainer.grad_accum=2" in args else 1
     # 4 optimizer steps of 64 images each (4 x accum micro-batches read): the recipe's batch, so its lr 0.1.
     assert (ck["progress"]["step"], ck["progress"]["batch"]) == (4, 4 * accum)
-    assert "global batch 64, lr 0.1)" in (run / "train.log").read_text()
+    assert f"global batch 64 = 1 processes x {accum} micro-batches x {64 // accum} images, lr 0.1;" in (
+        run / "train.log").read_text()
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])  # loads as a plain model
     load_weights(create_model_from_config(ck["config"]["model"]), ck, "repro")
     metrics = json.loads((run / "metrics.json").read_text())
@@ -542,7 +506,7 @@ def test_checkpoint_contents(sigterm_run):
 @pytest.mark.parametrize(("arg", "message"), [
     ("model=resnet32", "holds a resnet20 run but model=resnet32"),
     ("model.shortcut=B", "holds a resnet20 run with other settings (model.shortcut='A' there, 'B' here)"),
-    ("recipe=mobilenet_v1", "holds a run with another optimizer"),
+    ("recipe=mobilenet_v1 recipe.batch_size=64", "holds a run with another optimizer"),
 ])
 def test_resume_refuses_another_runs_checkpoint(sigterm_run, in_process, tmp_path, arg, message):
     """resume=auto onto a checkpoint of another model or optimizer stops with a clear message, no traceback."""
@@ -551,7 +515,8 @@ def test_resume_refuses_another_runs_checkpoint(sigterm_run, in_process, tmp_pat
     ck_dir.mkdir(parents=True)
     shutil.copy(run / "checkpoints" / "last.pt", ck_dir / "last.pt")
     before = (ck_dir / "last.pt").read_bytes()
-    res = in_process(train_main, "repro-train", "name=term", "resume=auto", arg, "recipe.augment.train=pad_crop",
+    res = in_process(train_main, "repro-train", "name=term", "resume=auto", *arg.split(),
+                     "recipe.augment.train=pad_crop",
                      *QUICK, cwd=tmp_path)
     assert res.returncode == 2
     assert message in res.stderr and "resume with the same" in res.stderr
@@ -602,11 +567,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 # --------------------------------------------------------------------------------------------- torchrun
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
-    """torchrun, 2 gloo processes: one run dir, checkpoints, metrics.json, lr scaled to 2 x 64, each image once."""
+    """torchrun, 2 gloo processes, grad_accum 2: one run dir, checkpoints, metrics.json, each image once; the
+    recipe's global batch 64 = 2 processes x 2 micro-batches x 16 images, at the recipe's lr 0.1."""
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun is not on PATH")
     res = subprocess_run("torchrun", "--standalone", "--nproc_per_node=2", "-m", "repro.train",
-                         "trainer.max_steps=20", "trainer.checkpoint_every=5", "name=ddp", *QUICK, cwd=tmp_path)
+                         "trainer.max_steps=20", "trainer.checkpoint_every=5", "trainer.grad_accum=2", "name=ddp",
+                         *QUICK, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = [p for p in (tmp_path / "outputs" / "train").iterdir()]
     assert [p.name for p in runs] == ["ddp"]
@@ -615,12 +582,14 @@ def test_torchrun_two_cpu_processes(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 20 and metrics["center"]["images"] == 360
     assert math.isfinite(metrics["center"]["top1_err"])
-    assert "global batch 128, lr 0.2" in (run / "train.log").read_text()
+    assert metrics["batch"] == {"global": 64, "per_process": 16, "world_size": 2, "grad_accum": 2}
+    assert metrics["lr"] == pytest.approx(0.1)
+    assert "global batch 64 = 2 processes x 2 micro-batches x 16 images, lr 0.1;" in (run / "train.log").read_text()
     ck = load_ck(run / "checkpoints" / "last.pt")
-    assert ck["progress"]["step"] == 20
+    assert (ck["progress"]["step"], ck["progress"]["batch"] % 2) == (20, 0)
     assert not any(k.startswith("module.") for k in ck["model"])
-    # The last step (19 of 20) is past 75% of the run: lr 0.2 / 100.
-    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.002)
+    # The last step (19 of 20) is past 75% of the run: lr 0.1 / 100.
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001)
 
 
 def _workers_by_rank(launcher: subprocess.Popen) -> dict[int, int]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from repro.data import DataError, EvalViews, Normalize, Preprocessing, build_dataset, collate
-from repro.data.datasets import Subset
+from repro.data.datasets import IN_MEMORY, Subset
 from repro.data.transforms import default_eval_size
 from repro.models import MODELS, create_model_from_config, load_weights
 from repro.models.resnet import CifarResNet
@@ -32,8 +32,6 @@ from repro.models.weights import read_weights_file
 SUPPORTED_MODELS = tuple(name for name, (_, _, res) in MODELS.items()
                          if name.startswith(("resnet", "plain")) and res == 32)
 _STAGES = ("layer1", "layer2", "layer3")
-# Data that repro-train validates at its own size (repro.train.IN_MEMORY): 32x32 images, no resize or crop.
-_AS_IS = ("cifar10", "cifar100", "digits")
 
 
 def _unsupported(what: str) -> ValueError:
@@ -138,7 +136,7 @@ def _default_split(config: dict[str, Any], data_cfg: dict[str, Any]) -> str:
 
 def _eval_views(model_cfg: dict[str, Any], data_cfg: dict[str, Any]) -> EvalViews:
     """The center view the run validated on: in-memory data (CIFAR, digits) as it is, else resize + center crop."""
-    if data_cfg["name"] in _AS_IS:
+    if data_cfg["name"] in IN_MEMORY:
         return EvalViews(["center"], resize=None, crop=None)
     resize, crop = default_eval_size(model_cfg["resolution"])
     return EvalViews(["center"], resize=resize, crop=crop)

@@ -29,7 +29,7 @@ from repro.data import (
     build_dataset,
     collate,
 )
-from repro.data.datasets import Subset
+from repro.data.datasets import IN_MEMORY, Subset
 from repro.data.transforms import default_eval_size
 from repro.distributed import (
     Dist,
@@ -89,8 +89,8 @@ def resolve_inputs(cfg: DictConfig, stored: dict[str, Any]) -> tuple[dict, dict,
 
 def eval_views(cfg: DictConfig, model_cfg: dict, data_cfg: dict) -> EvalViews:
     """The protocols' views; sizes follow the model's resolution (CIFAR: the image itself) unless given."""
-    cifar = data_cfg["name"].startswith("cifar")
-    auto_resize, auto_crop = (None, None) if cifar else default_eval_size(model_cfg["resolution"])
+    as_is = data_cfg["name"] in IN_MEMORY  # evaluated on the image itself, as repro-train does
+    auto_resize, auto_crop = (None, None) if as_is else default_eval_size(model_cfg["resolution"])
     resize = auto_resize if cfg.eval.resize == "auto" else cfg.eval.resize
     crop = auto_crop if cfg.eval.crop == "auto" else cfg.eval.crop
     return EvalViews(protocols=list(cfg.eval.protocols), resize=resize, crop=crop, scales=list(cfg.eval.scales),

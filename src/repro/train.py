@@ -27,7 +27,7 @@ from tqdm import tqdm
 from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, git_commit, run_dir, save_run_info
 from repro.config import register_configs
 from repro.data import DataError, EvalViews, Normalize, Preprocessing, ShardSampler, build_dataset, collate
-from repro.data.datasets import DATASET_SPLITS, ImageTensors, Subset
+from repro.data.datasets import DATASET_SPLITS, IN_MEMORY, ImageTensors, Subset, shared_images
 from repro.data.loaders import BatchPadCrop, EpochSampler, SeededSamples, TensorBatches, sample_seed
 from repro.data.transforms import PROTOCOLS, PadCrop, RandomResizedCrop, ScaleAugCrop, default_eval_size
 from repro.distributed import (
@@ -47,7 +47,6 @@ from repro.optim import LRSchedule, build_optimizer
 log = logging.getLogger("repro.train")
 AUGMENTS = ("pad_crop", "scale_aug", "inception", "mobilenet", "none")
 AMP = ("auto", "bf16", "fp16", "off")
-IN_MEMORY = ("cifar10", "cifar100", "digits")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -64,8 +63,8 @@ class TrainData:
     loader: Any  # yields {"views": uint8 batch, "labels", ...}; has .sampler (EpochSampler)
     batch_aug: nn.Module | None  # device-side augmentation of in-memory data (CIFAR pad/crop/flip)
     preprocessing: Preprocessing
-    val: Any  # a dataset of eval views
-    test: Any | None
+    val: Any | None  # the per-epoch evaluation split (`val_split`), or None
+    test: Any | None  # the split of the final evaluation (`test_split`), or None
     classes: list[str]
     eval_size: tuple[int | None, int | None]  # (resize, crop) of the test views
 
@@ -103,24 +102,28 @@ def _file_transform(aug: Any, crop: int) -> Any:
 
 def _test_set(cfg: DictConfig, views: EvalViews, in_memory: bool) -> Any:
     """The split evaluated at the end (`test_split`), or None; a missing one names `test_split=null` as a way out."""
-    if not cfg.test_split:
-        return None
     try:
-        if not in_memory:
-            return build_dataset(cfg.data, cfg.test_split, views)
-        test = _tensors(cfg, cfg.test_split)
-        test.transform = views
-        return test
+        return _eval_set(cfg, cfg.test_split, views, in_memory)
     except DataError as e:
         raise DataError(f"test_split={cfg.test_split!r}: {e} (test_split=null reports the val split instead)"
                         ) from None
 
 
-def build_data(cfg: DictConfig, resolution: int, d: Dist, device: torch.device) -> TrainData:
-    """Training loader, device augmentation, preprocessing and evaluation sets for this run."""
+def _eval_set(cfg: DictConfig, split: str | None, views: EvalViews, in_memory: bool) -> Any:
+    """An evaluation split with test views (decoded into memory for small data), or None for null."""
+    if not split:
+        return None
+    if not in_memory:
+        return build_dataset(cfg.data, split, views)
+    ds = _tensors(cfg, split)
+    ds.transform = views
+    return ds
+
+
+def build_data(cfg: DictConfig, resolution: int, batch: int, d: Dist, device: torch.device) -> TrainData:
+    """Training loader (`batch` images per process), device augmentation, preprocessing and evaluation sets."""
     aug = cfg.recipe.augment
     crop = resolution if aug.crop == "auto" else aug.crop
-    batch = cfg.data.batch_size
     small = cfg.data.name in IN_MEMORY
     resize, eval_crop = (None, None) if small else default_eval_size(resolution)
     views = EvalViews(["center"], resize=resize, crop=eval_crop)
@@ -136,9 +139,6 @@ def build_data(cfg: DictConfig, resolution: int, d: Dist, device: torch.device) 
             raise ValueError(f"recipe.augment.train={aug.train} is for image files; use pad_crop or none with "
                              f"data={cfg.data.name}")
         classes = train.classes
-        val = _tensors(cfg, cfg.val_split)
-        val.transform = views
-        test = _test_set(cfg, views, in_memory=True)
     else:
         if aug.per_pixel_mean:
             raise ValueError("recipe.augment.per_pixel_mean needs an in-memory dataset (CIFAR); use mean/std")
@@ -149,8 +149,8 @@ def build_data(cfg: DictConfig, resolution: int, d: Dist, device: torch.device) 
                             num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
                             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
         batch_aug, classes = None, base.classes
-        val = build_dataset(cfg.data, cfg.val_split, views)
-        test = _test_set(cfg, views, in_memory=False)
+    val = _eval_set(cfg, cfg.val_split, views, small)
+    test = _test_set(cfg, views, in_memory=small)
     pre = Preprocessing(tuple(aug.mean), tuple(aug.std), mean_image)
     return TrainData(loader, batch_aug, pre, val, test, classes, (resize, eval_crop))
 
@@ -392,9 +392,8 @@ class _null:
         return None
 
 
-def validate(run: Run, split: str = "val", protocols: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Top-1/top-5 error of the model (and of its weight average) on a held-out split, center view by default."""
-    ds = run.data.val if split == "val" else run.data.test
+def validate(run: Run, ds: Any, protocols: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Top-1/top-5 error of the model (and of its weight average) on an evaluation set, center view by default."""
     protocols = protocols or ["center"]
     resize, crop = run.data.eval_size
     ds.transform = EvalViews(protocols, resize=resize, crop=crop)
@@ -411,23 +410,30 @@ def validate(run: Run, split: str = "val", protocols: list[str] | None = None) -
     return out
 
 
+def chooses_best(cfg: DictConfig) -> bool:
+    """Whether best.pt is kept: only on a validation split, never chosen on the reported test split."""
+    return bool(cfg.val_split) and cfg.val_split != cfg.test_split
+
+
 def after_epoch(run: Run) -> None:
-    """Validate, feed the plateau schedule, log, and keep last.pt / best.pt."""
-    p = run.progress
-    metrics = validate(run)
-    err = metrics["center"]["top1_err"]
+    """Evaluate on `val_split` (if any), feed the plateau schedule, log under the split's name, keep checkpoints."""
+    p, split = run.progress, run.cfg.val_split
+    if run.data.val is None:  # val_split=null: no per-epoch evaluation; the final weights are reported
+        save(run, "last")
+        return
+    metrics = validate(run, run.data.val)
+    err, err5 = metrics["center"]["top1_err"], metrics["center"]["top5_err"]
     run.schedule.observe_val(err)
-    record = {"epoch": p.epoch, "step": p.step, "lr": run.schedule.lr(p.step), "val": metrics}
+    record = {"epoch": p.epoch, "step": p.step, "lr": run.schedule.lr(p.step), "split": split, split: metrics}
     p.history.append(record)
     if run.dist.is_main:
         with open(run.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if run.writer is not None:
-            run.writer.add_scalar("val/top1_err", err, p.step)
-            run.writer.add_scalar("val/top5_err", metrics["center"]["top5_err"], p.step)
-        log.info("epoch %d step %d: val top-1 err %.2f%%, top-5 err %.2f%%", p.epoch, p.step, err,
-                 metrics["center"]["top5_err"])
-    if err < p.best_err:
+            run.writer.add_scalar(f"{split}/top1_err", err, p.step)
+            run.writer.add_scalar(f"{split}/top5_err", err5, p.step)
+        log.info("epoch %d step %d: %s top-1 err %.2f%%, top-5 err %.2f%%", p.epoch, p.step, split, err, err5)
+    if chooses_best(run.cfg) and err < p.best_err:
         p.best_err = err
         save(run, "best")
     save(run, "last")
@@ -445,7 +451,8 @@ def check_config(cfg: DictConfig) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             fail(f"{key}={value!r} is not valid; choose one of {list(valid)}")
-    positive = {"data.batch_size": cfg.data.batch_size, "trainer.grad_accum": cfg.trainer.grad_accum,
+    positive = {"recipe.batch_size": cfg.recipe.batch_size, "recipe.lr_batch_size": cfg.recipe.lr_batch_size,
+                "data.batch_size": cfg.data.batch_size, "trainer.grad_accum": cfg.trainer.grad_accum,
                 "trainer.checkpoint_every": cfg.trainer.checkpoint_every, "trainer.log_every": cfg.trainer.log_every,
                 "trainer.max_steps": cfg.trainer.max_steps, "trainer.max_epochs": cfg.trainer.max_epochs,
                 "recipe.optimizer.lr": cfg.recipe.optimizer.lr}
@@ -469,6 +476,52 @@ def check_config(cfg: DictConfig) -> None:
         fail(str(e))
 
 
+def check_splits(cfg: DictConfig) -> None:
+    """Refuse evaluation splits that hold training images (listed, not decoded), or no evaluation at all."""
+    if not cfg.val_split and not cfg.test_split:
+        raise ValueError("val_split=null and test_split=null leave nothing to evaluate; set test_split (reported at "
+                         "the end) or val_split")
+    if not cfg.val_split and cfg.recipe.schedule.name == "plateau":
+        raise ValueError("recipe.schedule.name=plateau decays on the validation error but val_split=null; set "
+                         "val_split to a held-out split")
+    for key in ("val_split", "test_split"):
+        split = cfg[key]
+        if not split:
+            continue
+        try:
+            shared, total = shared_images(cfg.data, split, cfg.train_split)
+        except DataError as e:
+            if key != "test_split":
+                raise
+            raise DataError(f"test_split={split!r}: {e} (test_split=null reports the val split instead)") from None
+        if not shared:
+            continue
+        if key == "val_split":
+            fix = ("use val_split=null (no per-epoch evaluation; the final weights are reported), or val_split=test "
+                   "where the protocol reports the test curve (ResNet Fig. 6)")
+        else:
+            fix = "choose a test split held out from training, or test_split=null"
+        raise DataError(f"{key}={split!r} shares {shared} of its {total} images with train_split={cfg.train_split!r} "
+                        f"(data={cfg.data.name}): its error would be measured on training images; {fix}")
+
+
+def batch_plan(cfg: DictConfig, world_size: int) -> dict[str, int]:
+    """The recipe's global batch over processes and micro-batches: global, per_process, world_size, grad_accum."""
+    g, accum = cfg.recipe.batch_size, cfg.trainer.grad_accum
+    if g % (world_size * accum):
+        raise ValueError(f"the global batch recipe.batch_size={g} does not divide into {world_size} processes x "
+                         f"trainer.grad_accum={accum}; choose processes x grad_accum that divide {g} (each process "
+                         f"then takes {g} / (processes x grad_accum) images per micro-batch), or change the recipe's "
+                         f"global batch with recipe.batch_size=N (the lr is then scaled)")
+    return {"global": g, "per_process": g // (world_size * accum), "world_size": world_size, "grad_accum": accum}
+
+
+def peak_lr(recipe: DictConfig) -> float:
+    """The recipe's lr, scaled linearly from the batch it is quoted for to the run's global batch."""
+    quoted = recipe.lr_batch_size or recipe.batch_size
+    return recipe.optimizer.lr * (recipe.batch_size / quoted if recipe.scale_lr else 1.0)
+
+
 def amp_dtype(kind: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None = full precision)."""
     if kind == "auto":
@@ -481,7 +534,8 @@ def setup(cfg: DictConfig, d: Dist, device: torch.device, out: Path) -> Run:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    data = build_data(cfg, model_cfg["resolution"], d, device)
+    batch = batch_plan(cfg, d.world_size)
+    data = build_data(cfg, model_cfg["resolution"], batch["per_process"], d, device)
     # The model's class count follows the dataset.
     model_cfg["num_classes"] = len(data.classes)
     cfg.model.num_classes = len(data.classes)
@@ -498,8 +552,7 @@ def setup(cfg: DictConfig, d: Dist, device: torch.device, out: Path) -> Run:
     if cfg.trainer.compile:
         model = torch.compile(model)
     recipe = cfg.recipe
-    global_batch = cfg.data.batch_size * d.world_size * cfg.trainer.grad_accum
-    lr = recipe.optimizer.lr * (global_batch / recipe.batch_size if recipe.scale_lr else 1.0)
+    lr = peak_lr(recipe)
     optimizer = build_optimizer(raw, recipe.optimizer, lr)
     spe = data.loader.sampler.batches // cfg.trainer.grad_accum
     if spe == 0:
@@ -509,8 +562,10 @@ def setup(cfg: DictConfig, d: Dist, device: torch.device, out: Path) -> Run:
         total = int(cfg.trainer.max_steps)
     elif cfg.trainer.max_epochs:
         total = int(cfg.trainer.max_epochs) * spe
+    elif recipe.length_unit == "steps":  # the paper's images seen, whatever the global batch
+        total = round(recipe.length * (recipe.lr_batch_size or recipe.batch_size) / recipe.batch_size)
     else:
-        total = int(recipe.length) if recipe.length_unit == "steps" else round(recipe.length * spe)
+        total = round(recipe.length * spe)
     schedule = LRSchedule(recipe.schedule, lr, total, recipe.length)
     ema = None
     if recipe.ema_decay > 0:
@@ -519,26 +574,31 @@ def setup(cfg: DictConfig, d: Dist, device: torch.device, out: Path) -> Run:
         ema = ModelEmaV3(raw, decay=recipe.ema_decay)
     dtype = amp_dtype(cfg.trainer.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    normalize = Normalize(data.preprocessing, lighting_std=recipe.augment.lighting).to(device)
+    normalize = Normalize(data.preprocessing, lighting_std=recipe.augment.lighting,
+                          color_jitter=recipe.augment.color_jitter).to(device)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     writer = None
     if d.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
-        log.info("%s on %s/%s: %d images, %d steps (%d per epoch, global batch %d, lr %g), device %s x%d",
-                 model_cfg["name"], cfg.data.name, cfg.train_split, data.loader.sampler.length, total, spe,
-                 global_batch, lr, device, d.world_size)
+        log.info("%s on %s/%s: %d images, %d steps (%d per epoch), global batch %d = %d processes x %d micro-batches "
+                 "x %d images, lr %g; device %s; evaluated on %s each epoch, %s at the end", model_cfg["name"],
+                 cfg.data.name, cfg.train_split, data.loader.sampler.length, total, spe, batch["global"],
+                 d.world_size, batch["grad_accum"], batch["per_process"], lr, device, cfg.val_split or "nothing",
+                 cfg.test_split or cfg.val_split)
     return Run(cfg, model, raw, ema, optimizer, schedule, scaler, normalize, criterion, data, device, dtype, total,
                spe, d, out, Progress(), writer)
 
 
 def final_metrics(run: Run) -> dict[str, Any]:
-    """metrics.json: per-protocol errors on the test split (or val), with the split and the config."""
-    split = "test" if run.data.test is not None else "val"
-    metrics = validate(run, split, list(run.cfg.final_protocols))
-    return {**metrics, "split": run.cfg.test_split or run.cfg.val_split, "best_val_top1_err": run.progress.best_err,
-            "steps": run.progress.step, "config": OmegaConf.to_container(run.cfg, resolve=True)}
+    """metrics.json: per-protocol errors of the final weights on the test split (or val), with batch, lr and config."""
+    ds = run.data.test if run.data.test is not None else run.data.val
+    metrics = validate(run, ds, list(run.cfg.final_protocols))
+    best = run.progress.best_err if math.isfinite(run.progress.best_err) else None
+    return {**metrics, "split": run.cfg.test_split or run.cfg.val_split, "best_val_top1_err": best,
+            "steps": run.progress.step, "batch": batch_plan(run.cfg, run.dist.world_size),
+            "lr": run.schedule.base_lr, "config": OmegaConf.to_container(run.cfg, resolve=True)}
 
 
 def fit(run: Run) -> None:
@@ -567,6 +627,7 @@ def _train(cfg: DictConfig) -> None:
     """Set up (failing fast on bad config), resume if asked, train, evaluate, write metrics.json."""
     check_config(cfg)
     try:
+        check_splits(cfg)  # the splits' files are listed, not decoded
         export_slurm_env()  # the ranks of a multi-task SLURM job, before the device is chosen by LOCAL_RANK
         device = select_device(cfg.trainer.device)
         d = init_distributed(device)

@@ -19,6 +19,8 @@ from repro.data.digits import DIGIT_SPLITS
 from repro.data.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image
 
 DATASETS = ("imagenet", "folder", "cifar10", "cifar100", "synthetic", "digits")
+# Small datasets: decoded into memory for training and evaluated on the image as it is (no resize, no crop).
+IN_MEMORY = ("cifar10", "cifar100", "digits")
 CIFAR_SPLITS = ("train", "val", "trainval", "test")
 FOLDER_SPLITS = ("train", "val")
 # The splits each dataset has (synthetic takes any name).
@@ -82,8 +84,9 @@ class ImageFiles(Dataset):
     """Images on disk, decoded in the worker that loads them."""
 
     def __init__(self, paths: list[str], labels: list[int], classes: list[str],
-                 transform: Callable[..., Any] | None = None) -> None:
+                 transform: Callable[..., Any] | None = None, root: str | None = None) -> None:
         self.paths, self.labels, self.classes, self.transform = paths, labels, classes, transform
+        self.root = root  # the folder scanned (for the split-overlap check)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -205,8 +208,8 @@ def _build(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Datase
     if name == "digits":
         from repro.data.digits import digits_tensors
 
-        images, labels, classes = digits_tensors(cfg, split)
-        return ImageTensors(images, labels, classes, [f"digits-{split}/{i}" for i in range(len(labels))], transform)
+        images, labels, classes, index = digits_tensors(cfg, split)
+        return ImageTensors(images, labels, classes, [f"digits/{i}" for i in index], transform)
     if name in ("imagenet", "folder"):
         folder = cfg.train_dir if split == "train" else cfg.val_dir
         if folder is None:
@@ -215,7 +218,7 @@ def _build(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Datase
             folder = os.path.join(cfg.root, split)
         classes = imagenet_synsets() if name == "imagenet" else None
         paths, labels, classes = scan_folder(folder, classes)
-        return ImageFiles(paths, labels, classes, transform)
+        return ImageFiles(paths, labels, classes, transform, root=str(folder))
     return _build_cifar(cfg, split, transform)
 
 
@@ -231,7 +234,7 @@ def _build_cifar(cfg: Any, split: str, transform: Callable[..., Any] | None) -> 
         if len(classes) != cfg.num_classes:
             raise DataError(f"{root / sub} has {len(classes)} class folders but data={cfg.name} has "
                             f"{cfg.num_classes} classes")
-        ds: Dataset = ImageFiles(paths, labels, classes, transform)
+        ds: Dataset = ImageFiles(paths, labels, classes, transform, root=str(root / sub))
     elif split == "test" and (root / "train").is_dir():
         raise DataError(f"{str(root)!r} has train/ but no test/ images; evaluate on the validation split carved "
                         f"from train with data.split=val")
@@ -243,6 +246,28 @@ def _build_cifar(cfg: Any, split: str, transform: Callable[..., Any] | None) -> 
         train_idx, val_idx = carve_split(ds.labels, cfg.val_size, cfg.split_seed)
         ds = Subset(ds, train_idx if split == "train" else val_idx)
     return ds
+
+
+def shared_images(cfg: Any, split: str, train_split: str) -> tuple[int, int]:
+    """(images of `split` that are also images of `train_split`, images of `split`), found without decoding.
+
+    The same image is the same file (also when reached through another root, a symlink or a folder inside the
+    training folder) or the same index of the same array (CIFAR's carved val inside trainval, digits).
+    Synthetic data has no identity across splits and is never compared.
+    """
+    if cfg.name == "synthetic":
+        return 0, 0
+    train, other = _build(cfg, train_split, None), _build(cfg, split, None)
+    train_paths = set(train.paths)
+    shared = sum(p in train_paths for p in other.paths)
+    root = getattr(getattr(train, "base", train), "root", None)
+    if not shared and root is not None:  # the same files under another path: resolve only the other split's
+        real_root = os.path.realpath(root)
+        relative = {os.path.relpath(p, root) for p in train.paths}
+        for p in other.paths:
+            real = os.path.realpath(p)
+            shared += real.startswith(real_root + os.sep) and os.path.relpath(real, real_root) in relative
+    return shared, len(other)
 
 
 class Subset(Dataset):

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 DIGIT_SPLITS = ("train", "val", "test", "trainval")
 
 
-def digits_tensors(cfg: Any, split: str) -> tuple[torch.Tensor, list[int], list[str]]:
-    """uint8 [N, 3, S, S] digits (upscaled, gray as RGB), labels and class names for `split`.
+def digits_tensors(cfg: Any, split: str) -> tuple[torch.Tensor, list[int], list[str], list[int]]:
+    """uint8 [N, 3, S, S] digits (upscaled, gray as RGB), labels, class names and indices into the 1797 for `split`.
 
     test: `cfg.test_size` images; val: half as many, carved from the rest; both fixed by `cfg.split_seed`.
     """
@@ -29,4 +29,4 @@ def digits_tensors(cfg: Any, split: str) -> tuple[torch.Tensor, list[int], list[
     parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:],
              "trainval": order[n_test:]}
     idx = parts[split].sort().values
-    return images[idx], labels[idx].tolist(), [str(d) for d in range(10)]
+    return images[idx], labels[idx].tolist(), [str(d) for d in range(10)], idx.tolist()

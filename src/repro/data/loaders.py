@@ -32,7 +32,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.batches = length // (batch_size * world_size)
         if self.batches == 0:
             raise ValueError(f"{length} training images cannot fill one batch of {batch_size} x {world_size} "
-                             f"processes; lower data.batch_size")
+                             f"processes; lower recipe.batch_size (the global batch) or use fewer processes")
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Choose the epoch (its shuffle) and the first batch to yield."""

@@ -1,0 +1,176 @@
+"""Splits that never overlap (issue 19): a run never evaluates on its own training images, and every record of
+an evaluation names its split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torchvision.io import write_png
+
+import repro.data.datasets as datasets
+from common import CIFAR_ROOT
+from repro.data.datasets import shared_images
+from repro.eval import main as eval_main
+from repro.train import main as train_main
+
+QUICK = ("trainer.progress=false",)
+
+
+def _count_decodes(monkeypatch) -> list[str]:
+    """Record every image file decoded from now on (ImageFiles reads through datasets.load_image)."""
+    calls: list[str] = []
+    real = datasets.load_image
+
+    def counting(path):
+        calls.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(datasets, "load_image", counting)
+    return calls
+
+
+def _written(run: Path) -> list[str]:
+    """What a run dir holds beyond Hydra's own start-up files (.hydra/, the log)."""
+    if not run.exists():
+        return []
+    return sorted(p.name for p in run.iterdir() if p.name not in (".hydra", "train.log"))
+
+
+def _tags(run: Path) -> set[str]:
+    """The scalar tags of a run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+# ------------------------------------------------------------------------------------------- the check
+def test_shared_images_counts_cifar_and_digits_overlaps():
+    """CIFAR's carved val lies inside trainval (5,000 of 5,000), not inside train or test; digits alike."""
+    digits = SimpleNamespace(name="digits", image_size=8, test_size=360, split_seed=0, num_classes=10)
+    assert shared_images(digits, "val", "trainval") == (180, 180)
+    assert shared_images(digits, "val", "train") == (0, 180)
+    assert shared_images(digits, "test", "trainval") == (0, 360)
+    if not (CIFAR_ROOT / "test").is_dir():
+        pytest.skip(f"CIFAR-10 train/ and test/ images not found in {CIFAR_ROOT}")
+    cifar = SimpleNamespace(name="cifar10", root=str(CIFAR_ROOT), num_classes=10, val_size=5000, split_seed=0,
+                            download=False)
+    assert shared_images(cifar, "val", "trainval") == (5000, 5000)
+    assert shared_images(cifar, "val", "train") == (0, 5000)
+    assert shared_images(cifar, "test", "trainval") == (0, 10000)
+
+
+def test_trainval_with_val_refused_before_decoding(in_process, tmp_path, monkeypatch):
+    """CIFAR JPEGs, train_split=trainval with the default val_split=val: refused with both splits and the fixes
+    named, no image decoded, no checkpoint, metrics or TensorBoard file written."""
+    if not (CIFAR_ROOT / "test").is_dir():
+        pytest.skip(f"CIFAR-10 train/ and test/ images not found in {CIFAR_ROOT}")
+    decoded = _count_decodes(monkeypatch)
+    res = in_process(train_main, "repro-train", "model=resnet20", "data=cifar10", f"data.root={CIFAR_ROOT}",
+                     "recipe=resnet_cifar", "train_split=trainval", "name=overlap", *QUICK, cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert ("val_split='val' shares 5000 of its 5000 images with train_split='trainval' (data=cifar10)"
+            in res.stderr)
+    assert "val_split=null" in res.stderr and "val_split=test" in res.stderr
+    assert decoded == []
+    assert _written(tmp_path / "outputs" / "train" / "overlap") == []
+
+
+def _folder(root: Path, n: int = 2) -> Path:
+    """A class-folder tree of tiny real PNGs: root/<a|b>/<i>.png."""
+    for c, cls in enumerate("ab"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            write_png(torch.full((3, 8, 8), 40 * c + i, dtype=torch.uint8), str(root / cls / f"{i}.png"))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["symlinked_files", "same_folder", "inside_train"])
+def test_folder_val_files_that_are_training_files_refused(in_process, tmp_path, monkeypatch, layout):
+    """data=folder whose validation images are training images (linked files, the same folder under another path,
+    a folder inside the training folder) is refused before anything is decoded or written."""
+    train = _folder(tmp_path / "data" / "train")
+    if layout == "symlinked_files":
+        val = tmp_path / "data" / "val"
+        for cls in "ab":
+            (val / cls).mkdir(parents=True)
+            (val / cls / "x.png").symlink_to(train / cls / "0.png")
+        shared, total = 2, 2
+    elif layout == "same_folder":
+        val = tmp_path / "data" / "train-link"
+        val.symlink_to(train, target_is_directory=True)
+        shared, total = 4, 4
+    else:  # data.val_dir inside the training folder: its class folders are train/<cls>/
+        nested = train / "a" / "sub"
+        nested.mkdir()
+        (nested / "c").mkdir()
+        write_png(torch.zeros((3, 8, 8), dtype=torch.uint8), str(nested / "c" / "1.png"))
+        val = nested
+        shared, total = 1, 1
+    decoded = _count_decodes(monkeypatch)
+    res = in_process(train_main, "repro-train", "model=resnet18", "data=folder", f"data.train_dir={train}",
+                     f"data.val_dir={val}", "data.num_classes=null", "test_split=null", "recipe=resnet_imagenet",
+                     "name=folder", *QUICK, cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"val_split='val' shares {shared} of its {total} images with train_split='train' (data=folder)" in res.stderr
+    assert decoded == [] and _written(tmp_path / "outputs" / "train" / "folder") == []
+
+
+def test_disjoint_folders_pass_the_check(tmp_path):
+    """Separate train and val folders of distinct files share nothing."""
+    train, val = _folder(tmp_path / "train"), _folder(tmp_path / "val")
+    cfg = SimpleNamespace(name="folder", root=None, train_dir=str(train), val_dir=str(val), num_classes=None)
+    assert shared_images(cfg, "val", "train") == (0, 4)
+
+
+# --------------------------------------------------------------------------------------------- val_split=null
+def test_val_split_null_reports_the_final_weights(in_process, tmp_path):
+    """val_split=null: no per-epoch evaluation (no metrics.jsonl, no best.pt, no val/test curve), and metrics.json
+    is the final weights' test error, as `repro-eval` of last.pt gives it."""
+    res = in_process(train_main, "repro-train", "trainer.max_steps=12", "val_split=null", "name=noval", *QUICK,
+                     cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "outputs" / "train" / "noval"
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints" / "best.pt").exists()
+    assert not any(t.startswith(("val/", "test/")) for t in _tags(run))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["best_val_top1_err"] is None and metrics["steps"] == 12
+    res = in_process(eval_main, "repro-eval", f"weights.path={run / 'checkpoints' / 'last.pt'}", "eval.progress=false",
+                     "hydra.run.dir=outputs/eval/noval", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = json.loads((tmp_path / "outputs" / "eval" / "noval" / "metrics.json").read_text())
+    assert again["center"] == metrics["center"]
+
+
+def test_nothing_to_evaluate_refused(in_process, tmp_path):
+    """val_split=null and test_split=null leave no evaluation: refused, naming both keys."""
+    res = in_process(train_main, "repro-train", "val_split=null", "test_split=null", "name=none", *QUICK, cwd=tmp_path)
+    assert res.returncode == 2 and "val_split=null and test_split=null leave nothing to evaluate" in res.stderr
+
+
+# ------------------------------------------------------------------------------------- records name their split
+@pytest.mark.parametrize("val_split", ["val", "test"])
+def test_evaluation_records_name_their_split(in_process, tmp_path, val_split):
+    """metrics.jsonl lines, the log line and the TensorBoard tags carry the split's name; best.pt is chosen on a
+    validation split only, never on the reported test split."""
+    res = in_process(train_main, "repro-train", "trainer.max_epochs=2", f"val_split={val_split}", "name=named",
+                     *QUICK, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "outputs" / "train" / "named"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"], r["split"]) for r in lines] == [(1, 19, val_split), (2, 38, val_split)]
+    size = {"val": 180, "test": 360}[val_split]
+    assert all(r[val_split]["center"]["images"] == size for r in lines)
+    other = {"val": "test", "test": "val"}[val_split]
+    assert all(other not in r for r in lines)
+    log = (run / "train.log").read_text()
+    assert f"epoch 2 step 38: {val_split} top-1 err {lines[-1][val_split]['center']['top1_err']:.2f}%" in log
+    tags = _tags(run)
+    assert {f"{val_split}/top1_err", f"{val_split}/top5_err"} <= tags
+    assert not {f"{other}/top1_err", f"{other}/top5_err"} & tags
+    assert (run / "checkpoints" / "best.pt").exists() == (val_split == "val")

@@ -252,7 +252,7 @@ def test_two_steps_from_image_files_with_each_recipes_augmentation(tmp_path, rec
     assert len(inputs) == 2 and all(x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 for x in inputs)
     pre = run.data.preprocessing
     pixels = torch.stack(inputs) * torch.tensor(pre.std).view(3, 1, 1) + torch.tensor(pre.mean).view(3, 1, 1)
-    assert -0.3 < pixels.min() and pixels.max() < 1.3 and pixels.max() > 0.6  # normalized [0, 1] pixels (+ light)
+    assert -0.5 < pixels.min() and pixels.max() < 1.6 and pixels.max() > 0.6  # [0, 1] pixels (+ jitter, light)
     assert run.progress.step == 2
     metrics = (run.out / "metrics.json").read_text()
     assert '"images": 4' in metrics

@@ -176,6 +176,29 @@ def test_autocast_is_active_and_steps_like_fp32(tmp_path, amp, dtype):
     assert 0.85 < float(b.norm() / a.norm()) < 1.15
 
 
+@pytest.mark.slow
+def test_compiled_model_steps_like_eager(tmp_path):
+    """trainer.compile=true: the loop trains the torch.compile'd model, 2 steps land where eager's do, and the
+    checkpoint is a plain state dict (no `_orig_mod.` keys) that loads into an uncompiled model."""
+    eager = make_run(tmp_path, "recipe.batch_size=32", "trainer.max_steps=2")
+    comp = make_run(tmp_path, "recipe.batch_size=32", "trainer.max_steps=2", "trainer.compile=true")
+    try:
+        start = params(eager)
+        fit(eager)
+        fit(comp)
+    finally:
+        close(eager, comp)
+    assert comp.model is not comp.raw and hasattr(comp.model, "_orig_mod")  # torch.compile's wrapper was trained
+    a = torch.cat([(p - start[n]).flatten() for n, p in params(eager).items()])
+    b = torch.cat([(p - start[n]).flatten() for n, p in params(comp).items()])
+    assert float(a.abs().max()) > 1e-3  # real steps
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9999  # fused kernels: we see 0.99999
+    assert abs(float(b.norm() / a.norm()) - 1) < 0.01
+    ck = torch.load(comp.out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])
+    create_model_from_config(ck["config"]["model"]).load_state_dict(ck["model"])
+
+
 # --------------------------------------------------------------------------------------- label smoothing
 def test_label_smoothing_is_the_loss_trained_on(tmp_path):
     """recipe.label_smoothing=0.2: the loss the loop backpropagates is the cross-entropy against the smoothed
@@ -342,13 +365,14 @@ train.main()
 
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A 40-step digits run under torchrun with 2 gloo processes; each rank saves its final state dict."""
+    """A 40-step digits run under torchrun, 2 gloo processes x 2 micro-batches; each rank saves its final state."""
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun is not on PATH")
     cwd = tmp_path_factory.mktemp("torchrun")
     (cwd / "driver.py").write_text(DRIVER)
     res = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "driver.py", "trainer.max_steps=40",
-                          "trainer.checkpoint_every=5", "name=ddp", "trainer.progress=false"], cwd=cwd,
+                          "trainer.checkpoint_every=5", "trainer.grad_accum=2", "name=ddp", "trainer.progress=false"],
+                         cwd=cwd,
                          capture_output=True, text=True, timeout=400, env=_clean_env())
     return cwd, res
 
@@ -360,14 +384,16 @@ def _rank_states(cwd: Path) -> list[dict[str, torch.Tensor]]:
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(torchrun_run):
-    """torchrun, 2 gloo processes: one run dir, each test image counted once, the lr of the global batch, and
-    both ranks end with the same parameters (checksums), rank 0's being the checkpoint's."""
+    """torchrun, 2 gloo processes, grad_accum 2: the recipe's global batch 64 = 2 processes x 2 micro-batches x 16
+    images at the recipe's lr 0.1, one run dir, each test image counted once, and both ranks end with the same
+    parameters (checksums), rank 0's being the checkpoint's."""
     cwd, res = torchrun_run
     assert res.returncode == 0, res.stderr[-3000:]
     assert [p.name for p in (cwd / "outputs" / "train").iterdir()] == ["ddp"]
     run = cwd / "outputs" / "train" / "ddp"
     ck = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert ck["progress"]["step"] == 40 and not any(k.startswith("module.") for k in ck["model"])
+    assert (ck["progress"]["step"], ck["progress"]["batch"] % 2) == (40, 0)
+    assert not any(k.startswith("module.") for k in ck["model"])
     assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001)  # 0.1 / 100 past 75% of the run
     ranks = _rank_states(cwd)
     checksums = [{k: float(v.double().sum()) for k, v in s.items() if v.is_floating_point()} for s in ranks]
@@ -377,6 +403,8 @@ def test_torchrun_two_cpu_processes(torchrun_run):
         assert torch.equal(v, ck["model"][n]), n
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 40 and metrics["center"]["images"] == 360
+    assert metrics["batch"] == {"global": 64, "per_process": 16, "world_size": 2, "grad_accum": 2}
+    assert metrics["lr"] == pytest.approx(0.1)
     assert metrics["center"]["top1_err"] < 50.0  # 40 steps of 64 digits (chance: 90%); we see 29%
 
 

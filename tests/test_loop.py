@@ -405,6 +405,8 @@ def test_torchrun_two_cpu_processes(torchrun_run):
     assert metrics["steps"] == 40 and metrics["center"]["images"] == 360
     assert metrics["batch"] == {"global": 64, "per_process": 16, "world_size": 2, "grad_accum": 2}
     assert metrics["lr"] == pytest.approx(0.1)
+    assert "global batch 64 = 2 processes x 2 micro-batches x 16 images, lr 0.1;" in (run / "train.log").read_text()
+    assert (run / "checkpoints" / "best.pt").is_file()
     assert metrics["center"]["top1_err"] < 50.0  # 40 steps of 64 digits (chance: 90%); we see 29%
 
 

@@ -438,29 +438,6 @@ def test_nan_before_any_checkpoint_says_none_was_kept(in_process, tmp_path):
     assert not list(tmp_path.rglob("*.pt"))
 
 
-# ------------------------------------------------------------------------ the CUDA options, run on CPU
-@pytest.mark.parametrize("args", [
-    ("trainer.grad_accum=2",),
-    pytest.param(("trainer.amp=bf16",), marks=pytest.mark.slow),  # bf16 autocast is slow on CPU (~30 s)
-    pytest.param(("trainer.compile=true",), marks=pytest.mark.slow),
-])
-def test_loop_options_run_on_cpu(in_process, tmp_path, args):
-    """Accumulation, bf16 autocast and torch.compile train 4 steps; the checkpoint is plain and counts right."""
-    res = in_process(train_main, "repro-train", "trainer.max_steps=4", "name=opt", *args, *QUICK, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run = tmp_path / "outputs" / "train" / "opt"
-    ck = load_ck(run / "checkpoints" / "last.pt")
-    accum = 2 if "trainer.grad_accum=2" in args else 1
-    # 4 optimizer steps of 64 images each (4 x accum micro-batches read): the recipe's batch, so its lr 0.1.
-    assert (ck["progress"]["step"], ck["progress"]["batch"]) == (4, 4 * accum)
-    assert f"global batch 64 = 1 processes x {accum} micro-batches x {64 // accum} images, lr 0.1;" in (
-        run / "train.log").read_text()
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])  # loads as a plain model
-    load_weights(create_model_from_config(ck["config"]["model"]), ck, "repro")
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["center"]["images"] == 360 and math.isfinite(metrics["center"]["top1_err"])
-
-
 # ------------------------------------------------------------------------------------- signals, resume
 SHORT = ("trainer.max_steps=40", "trainer.checkpoint_every=5", *QUICK)
 
@@ -565,33 +542,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- torchrun
-@pytest.mark.slow
-def test_torchrun_two_cpu_processes(tmp_path):
-    """torchrun, 2 gloo processes, grad_accum 2: one run dir, checkpoints, metrics.json, each image once; the
-    recipe's global batch 64 = 2 processes x 2 micro-batches x 16 images, at the recipe's lr 0.1."""
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun is not on PATH")
-    res = subprocess_run("torchrun", "--standalone", "--nproc_per_node=2", "-m", "repro.train",
-                         "trainer.max_steps=20", "trainer.checkpoint_every=5", "trainer.grad_accum=2", "name=ddp",
-                         *QUICK, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    runs = [p for p in (tmp_path / "outputs" / "train").iterdir()]
-    assert [p.name for p in runs] == ["ddp"]
-    run = runs[0]
-    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == 20 and metrics["center"]["images"] == 360
-    assert math.isfinite(metrics["center"]["top1_err"])
-    assert metrics["batch"] == {"global": 64, "per_process": 16, "world_size": 2, "grad_accum": 2}
-    assert metrics["lr"] == pytest.approx(0.1)
-    assert "global batch 64 = 2 processes x 2 micro-batches x 16 images, lr 0.1;" in (run / "train.log").read_text()
-    ck = load_ck(run / "checkpoints" / "last.pt")
-    assert (ck["progress"]["step"], ck["progress"]["batch"] % 2) == (20, 0)
-    assert not any(k.startswith("module.") for k in ck["model"])
-    # The last step (19 of 20) is past 75% of the run: lr 0.1 / 100.
-    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001)
-
-
+# (the loop options on CPU and the 2-process run with its checks: tests/test_loop.py)
 def _workers_by_rank(launcher: subprocess.Popen) -> dict[int, int]:
     """PIDs of torchrun's worker processes by their RANK (read from /proc)."""
     pids = []

@@ -233,6 +233,8 @@ class TrainerConfig:
     sync_bn: bool = False  # SyncBatchNorm across ranks
     eval_every: int = 1  # validate every N epochs (and at the end)
     checkpoint_every: int = 500  # write checkpoints/last.pt every N optimizer steps (and at the end)
+    checkpoint_every_s: Any = 1800  # ... and every N seconds (checked at log steps under torchrun); null = off
+    eval_precision: str = "fp32"  # evaluation (per epoch and final): fp32 (TF32 off) | tf32 | bf16 | fp16
     log_every: int = 20  # TensorBoard train scalars every N steps
     progress: bool = True  # progress bars with throughput
 
@@ -279,7 +281,8 @@ class EvalOptions:
     bn_recalibrate_split: str = "train"  # the split those images come from
     save_predictions: bool = False  # also write predictions.csv
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = False  # bf16 autocast on CUDA
+    amp: bool = False  # bf16 autocast on CUDA (the same as precision=bf16)
+    precision: Any = None  # fp32 (TF32 off) | tf32 | bf16 | fp16; null = fp32, or bf16 with eval.amp=true
     progress: bool = True
 
 
@@ -325,6 +328,20 @@ class AnalyzeConfig:
     format: str = "table"  # table | json
 
 
+@dataclass
+class SelfcheckConfig:
+    """`repro-selfcheck`: is this machine ready? PASS / FAIL / SKIP per check."""
+
+    format: str = "table"  # table | json
+    device: str = "auto"  # auto | cpu | cuda: the device checks run on (CUDA checks SKIP on a CPU)
+    checks: Any = None  # groups to run (environment, collectives, training, ...); null: all
+    train_steps: int = 30  # optimizer steps of each training check
+    cpu_batch: int = 32  # ResNet-20 batch of the digits checks (CPU training, parity, resume)
+    gpu_batch: int = 64  # ResNet-50 batch of the GPU training and throughput checks
+    throughput_steps: int = 10  # timed steps (and loader batches) of the throughput check
+    resume_steps: int = 6  # steps of the resume check (stopped halfway)
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
@@ -339,3 +356,4 @@ def register_configs() -> None:
     cs.store(name="summary_schema", node=SummaryConfig)
     cs.store(name="tables_schema", node=TablesConfig)
     cs.store(name="analyze_schema", node=AnalyzeConfig)
+    cs.store(name="selfcheck_schema", node=SelfcheckConfig)

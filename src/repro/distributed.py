@@ -22,6 +22,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # where every collective's tensors live (NCCL: CUDA only)
 
     @property
     def is_main(self) -> bool:
@@ -77,14 +78,20 @@ def export_slurm_env() -> None:
 
 
 def init_distributed(device: torch.device) -> Dist:
-    """Join the torchrun (or SLURM: export_slurm_env) process group (NCCL on CUDA, gloo on CPU) if WORLD_SIZE > 1."""
+    """Join the torchrun (or SLURM: export_slurm_env) process group if WORLD_SIZE > 1; on CUDA, make `device` current.
+
+    The backend is NCCL on CUDA and gloo on CPU; REPRO_DIST_BACKEND overrides it (e.g. `cuda:gloo`, a gloo group
+    that, as NCCL, takes CUDA tensors only: the tests use it to show every collective stays on the run's device).
+    """
+    if device.type == "cuda":  # NCCL's object collectives (and the default CUDA stream) use the current device
+        torch.cuda.set_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return Dist(device=device)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = os.environ.get("REPRO_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
 
 
 def broadcast_object(obj: Any, d: Dist) -> Any:
@@ -92,7 +99,7 @@ def broadcast_object(obj: Any, d: Dist) -> Any:
     if not d.enabled:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, device=d.device)
     return box[0]
 
 
@@ -106,10 +113,21 @@ def gather_objects(obj: Any, d: Dist) -> list[Any]:
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Sum a tensor over ranks (in place) and return it."""
+    """The sum of a tensor over ranks, computed on the run's device (`d.device`) and returned there."""
     if d.enabled:
+        t = t.to(d.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_state(module: torch.nn.Module, d: Dist) -> None:
+    """Give every rank rank 0's buffers (BN running statistics) and parameters of `module`, in place."""
+    if not d.enabled:
+        return
+    for t in [*module.buffers(), *module.parameters()]:
+        if t.device != d.device:
+            raise ValueError(f"broadcast_state: a tensor is on {t.device}, the run on {d.device}")
+        dist.broadcast(t.data, src=0)
 
 
 def cleanup(d: Dist) -> None:
@@ -119,11 +137,15 @@ def cleanup(d: Dist) -> None:
 
 
 def select_device(kind: str, local_rank: int = 0) -> torch.device:
-    """auto: CUDA when available, else CPU; under torchrun each process takes GPU LOCAL_RANK."""
+    """auto: CUDA when available, else CPU; under torchrun each process takes GPU LOCAL_RANK of those it sees.
+
+    LOCAL_RANK modulo the visible GPUs (as torchvision's references): a job that gives each task one GPU
+    (CUDA_VISIBLE_DEVICES of one device) and LOCAL_RANK=3 runs on cuda:0.
+    """
     if kind not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device={kind!r} is not valid; choose one of ['auto', 'cpu', 'cuda']")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA GPU is visible; use device=cpu (or auto)")
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", local_rank)))
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", local_rank)) % max(torch.cuda.device_count(), 1))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,35 @@ from repro.data import DataError, Normalize
 from repro.distributed import Dist, all_reduce_sum, gather_objects
 
 AVERAGES = ("softmax", "logits")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # of evaluation: fp32 = full fp32 (TF32 off on CUDA)
+MAX_VIEWS = 256  # views per forward at most (10-crop x a batch of 256 would be 2,560)
+
+
+@contextlib.contextmanager
+def precision_mode(precision: str, device: torch.device) -> Iterator[None]:
+    """Run the block at an evaluation precision: fp32 (TF32 off), tf32 (TF32 on), or bf16/fp16 autocast."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"evaluation precision {precision!r} is not valid; choose one of {list(PRECISIONS)}")
+    cuda = device.type == "cuda"  # TF32 is a CUDA matter; the CPU's flags stay untouched
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    try:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            yield
+    finally:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _forward(model: nn.Module, x: torch.Tensor, max_views: int = MAX_VIEWS) -> torch.Tensor:
+    """fp32 logits of `x`, at most `max_views` images per forward; a GPU out of memory names the batch to lower."""
+    try:
+        return torch.cat([model(c).float() for c in x.split(max_views)])
+    except torch.OutOfMemoryError:
+        raise ValueError(f"out of GPU memory evaluating a batch of {x.shape[0]} views (forwards of at most "
+                         f"{max_views}): lower data.batch_size, the images per evaluation batch") from None
 
 
 def class_ranks(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -69,13 +99,13 @@ class EvalResult:
 
 
 def _scores(model: nn.Module, normalize: Normalize, views: torch.Tensor, device: torch.device,
-            average: str, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run [B, K, 3, h, w] uint8 views as one batch; average the K views. Returns (scores, probabilities)."""
+            average: str, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run [B, K, 3, h, w] uint8 views (in chunks); average the K views. Returns (scores, probabilities)."""
     b, k = views.shape[:2]
     x = normalize(views.flatten(0, 1).to(device, non_blocking=True))
     x = x.contiguous(memory_format=torch.channels_last)  # as the models are trained and evaluated, CPU too
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(x).float().view(b, k, -1)
+    with precision_mode(precision, device):
+        logits = _forward(model, x).view(b, k, -1)
     if average == "softmax":  # the authors' released models: mean of softmax scores
         probs = logits.softmax(-1).mean(1)
         return probs, probs
@@ -84,15 +114,15 @@ def _scores(model: nn.Module, normalize: Normalize, views: torch.Tensor, device:
 
 
 def _multi_scale_scores(model: nn.Module, normalize: Normalize, per_image: list[list[torch.Tensor]],
-                        device: torch.device, average: str, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                        device: torch.device, average: str, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Fully-convolutional multi-scale: each scale (and flip) of an image whole; scores averaged over all."""
     scores, probs = [], []
     for scales in per_image:
         logits = []
         for views in scales:
             x = normalize(views.to(device, non_blocking=True))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits.append(model(x).float())
+            with precision_mode(precision, device):
+                logits.append(_forward(model, x))
         all_logits = torch.cat(logits)[None]  # [1, scales x flips, C]
         if average == "softmax":
             p = all_logits.softmax(-1).mean(1)
@@ -117,12 +147,15 @@ def evaluate(
     amp: bool = False,
     dist: Dist | None = None,
     progress: bool = True,
+    precision: str | None = None,
 ) -> EvalResult:
     """Top-1/top-5 counts of `model` on `loader` under each protocol; per-image rows when `paths` is given.
 
     Under torchrun each rank reads its own shard and the counts are summed, so every image counts once.
+    `precision` (PRECISIONS) defaults to fp32, or bf16 when `amp` is true.
     """
     dist = dist or Dist()
+    precision = precision or ("bf16" if amp else "fp32")
     if average not in AVERAGES:
         raise ValueError(f"eval.average={average!r} is not valid; choose one of {list(AVERAGES)}")
     model.eval()
@@ -142,9 +175,9 @@ def evaluate(
             for proto in protocols:
                 views = batch["views"][proto]
                 if proto == "multi_scale":
-                    scores, probs = _multi_scale_scores(model, normalize, views, device, average, amp)
+                    scores, probs = _multi_scale_scores(model, normalize, views, device, average, precision)
                 else:
-                    scores, probs = _scores(model, normalize, views, device, average, amp)
+                    scores, probs = _scores(model, normalize, views, device, average, precision)
                 # Rank each label among the averaged scores: top-1 / top-5 hits.
                 ranks = class_ranks(scores, labels)
                 result.tallies[proto].add(ranks)
@@ -174,7 +207,8 @@ def _combine(result: EvalResult, dist: Dist) -> EvalResult:
     if not dist.enabled:
         return result
     protos = list(result.tallies)
-    counts = torch.tensor([[t.top1, t.top5, t.images] for t in result.tallies.values()], dtype=torch.long)
+    counts = torch.tensor([[t.top1, t.top5, t.images] for t in result.tallies.values()], dtype=torch.long,
+                          device=dist.device)  # NCCL reduces CUDA tensors only
     counts = all_reduce_sum(counts, dist)
     tallies = {p: Tally(*map(int, counts[i].tolist())) for i, p in enumerate(protos)}
     skipped = [s for part in gather_objects(result.skipped, dist) for s in part]

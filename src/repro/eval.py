@@ -41,7 +41,7 @@ from repro.distributed import (
     quiet_hydra_on_other_ranks,
     select_device,
 )
-from repro.engine import AVERAGES, evaluate
+from repro.engine import AVERAGES, PRECISIONS, evaluate
 from repro.models import WEIGHT_FORMATS, WeightsError, create_model_from_config, load_weights
 from repro.models.weights import read_weights_file
 
@@ -167,6 +167,8 @@ def check_options(cfg: DictConfig) -> None:
         fail(f"weights.format={cfg.weights.format!r} is not valid; choose one of {list(WEIGHT_FORMATS)}")
     if cfg.eval.average not in AVERAGES:
         fail(f"eval.average={cfg.eval.average!r} is not valid; choose one of {list(AVERAGES)}")
+    if cfg.eval.precision is not None and cfg.eval.precision not in PRECISIONS:
+        fail(f"eval.precision={cfg.eval.precision!r} is not valid; choose one of {list(PRECISIONS)}")
     if cfg.eval.bn_recalibrate < 0:
         fail(f"eval.bn_recalibrate={cfg.eval.bn_recalibrate} is not valid; give a number of images (0 = off)")
     if cfg.data is not None and cfg.data.on_error not in ON_ERROR:
@@ -200,7 +202,8 @@ def _eval(cfg: DictConfig) -> None:
                  if cfg.eval.bn_recalibrate > 0 else None)
     except (ValueError, DataError, WeightsError) as e:
         fail(str(e))
-    d = init_distributed(device)
+    d = init_distributed(device)  # also makes the device current on CUDA
+    precision = cfg.eval.precision or ("bf16" if cfg.eval.amp else "fp32")
     out = Path(broadcast_object(str(run_dir()), d))
     model.to(device).to(memory_format=torch.channels_last)  # as repro-train evaluates: the same kernels
     normalize = Normalize(pre).to(device)
@@ -213,15 +216,16 @@ def _eval(cfg: DictConfig) -> None:
     try:
         result = evaluate(model, normalize, loader, device, list(views.protocols), cfg.eval.average,
                           data_cfg["on_error"], dataset.paths if cfg.eval.save_predictions else None,
-                          amp=cfg.eval.amp, dist=d, progress=cfg.eval.progress)
+                          dist=d, progress=cfg.eval.progress, precision=precision)
         if calib is not None:  # ResNet's exact BN averages: recompute them, evaluate again (plain numbers kept)
             calib_loader = DataLoader(calib, batch_size=data_cfg["batch_size"], num_workers=data_cfg["num_workers"],
                                       sampler=ShardSampler(len(calib), d.rank, d.world_size), collate_fn=collate,
                                       pin_memory=device.type == "cuda")
-            used = recalibrate_bn(model, normalize, calib_loader, device, data_cfg["on_error"], cfg.eval.amp, d)
+            used = recalibrate_bn(model, normalize, calib_loader, device, data_cfg["on_error"],
+                                  precision in ("bf16", "fp16"), d)
             recal = evaluate(model, normalize, loader, device, list(views.protocols), cfg.eval.average,
                              data_cfg["on_error"], dataset.paths if cfg.eval.save_predictions else None,
-                             amp=cfg.eval.amp, dist=d, progress=cfg.eval.progress)
+                             dist=d, progress=cfg.eval.progress, precision=precision)
     except (DataError, ValueError) as e:
         fail(str(e))
     if d.is_main:
@@ -237,8 +241,8 @@ def _eval(cfg: DictConfig) -> None:
         weights = {"path": str(Path(cfg.weights.path).resolve()), "format": cfg.weights.format,
                    "sha256": sha256(cfg.weights.path)}
         save_run_info(OmegaConf.create(resolved), weights=weights)
-        (out / "metrics.json").write_text(json.dumps({**metrics, **info, "weights": weights, "config": resolved},
-                                                     indent=2))
+        (out / "metrics.json").write_text(json.dumps({**metrics, **info, "eval_precision": precision,
+                                                      "weights": weights, "config": resolved}, indent=2))
         if cfg.eval.save_predictions:
             rows = sorted(result.predictions, key=lambda r: (r["protocol"], r["path"]))
             with open(out / "predictions.csv", "w", newline="") as f:

@@ -34,13 +34,15 @@ from repro.distributed import (
     Dist,
     all_reduce_sum,
     broadcast_object,
+    broadcast_state,
     cleanup,
     export_slurm_env,
+    gather_objects,
     init_distributed,
     quiet_hydra_on_other_ranks,
     select_device,
 )
-from repro.engine import evaluate
+from repro.engine import PRECISIONS, evaluate
 from repro.models import create_model_from_config
 from repro.optim import LRSchedule, build_optimizer
 
@@ -132,7 +134,8 @@ def build_data(cfg: DictConfig, resolution: int, batch: int, d: Dist, device: to
         train = _tensors(cfg, cfg.train_split)
         if aug.per_pixel_mean:  # ResNet §4.2: the training split's mean image, kept with the run
             mean_image = train.images.float().mean(0) / 255.0
-        sampler = EpochSampler(len(train.labels), batch, cfg.seed, d.rank, d.world_size)
+        sampler = EpochSampler(len(train.labels), batch, cfg.seed, d.rank, d.world_size,
+                               multiple=cfg.trainer.grad_accum)
         loader: Any = TensorBatches(train.images, train.labels, sampler)
         batch_aug = BatchPadCrop(crop, aug.pad, aug.flip).to(device) if aug.train == "pad_crop" else None
         if aug.train not in ("pad_crop", "none"):
@@ -143,7 +146,7 @@ def build_data(cfg: DictConfig, resolution: int, batch: int, d: Dist, device: to
         if aug.per_pixel_mean:
             raise ValueError("recipe.augment.per_pixel_mean needs an in-memory dataset (CIFAR); use mean/std")
         base = build_dataset(cfg.data, cfg.train_split, _file_transform(aug, crop))
-        sampler = EpochSampler(len(base), batch, cfg.seed, d.rank, d.world_size)
+        sampler = EpochSampler(len(base), batch, cfg.seed, d.rank, d.world_size, multiple=cfg.trainer.grad_accum)
         workers = cfg.data.num_workers
         loader = DataLoader(SeededSamples(base, cfg.seed), batch_size=batch, sampler=sampler, collate_fn=collate,
                             num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
@@ -193,25 +196,55 @@ class Run:
     writer: Any = None
     stop_signal: str | None = None  # set by the signal handler of this process
     stopping: bool = False  # every rank agreed to stop (see agree_to_stop)
+    commit: str | None = None  # the git commit, read once per run
+    last_save: float = field(default_factory=time.monotonic)  # when checkpoints/last.pt was last written
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, torch CPU and CUDA generator states."""
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s random streams (augmentation, dropout): `seed` itself on rank 0."""
+    return seed + 1_000_003 * rank
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's Python, torch CPU and CUDA (its own device's only) generator states."""
+    cuda = device is not None and device.type == "cuda"
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state(device) if cuda else None}
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore `rng_state()`."""
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore `rng_state()` (older checkpoints' list of every GPU's state: this device's entry, if it has one)."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):
+        cuda = cuda[device.index or 0] if device is not None and len(cuda) > (device.index or 0) else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
-def checkpoint(run: Run) -> dict[str, Any]:
+def restore_rng(ck: dict[str, Any], run: Run) -> None:
+    """Each rank takes its own saved generator states; when the world size changed, rank 0 takes rank 0's and
+    the others reseed from (seed, step, rank), so no two ranks share a stream (logged)."""
+    d, states = run.dist, ck.get("rng_ranks") or [ck["rng"]]
+    if len(states) == d.world_size:
+        set_rng_state(states[d.rank], run.device)
+        return
+    if d.is_main:
+        log.warning("resuming on %d processes a run saved on %d: rank 0 continues rank 0's random streams, the "
+                    "others start new ones seeded from (seed, step, rank)", d.world_size, len(states))
+    if d.rank == 0:
+        set_rng_state(states[0], run.device)
+        return
+    s = rank_seed(run.cfg.seed * 1_000_033 + ck["progress"]["step"], d.rank)
+    random.seed(s)
+    torch.manual_seed(s)
+
+
+def checkpoint(run: Run, ranks_rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The checkpoint dict: weights (`model`), the state to resume, and what evaluation needs."""
+    ranks_rng = ranks_rng or [rng_state(run.device)]
     cfg = OmegaConf.to_container(run.cfg, resolve=True)
     p = run.progress
     return {
@@ -220,12 +253,13 @@ def checkpoint(run: Run) -> dict[str, Any]:
         "optimizer": run.optimizer.state_dict(),
         "schedule": run.schedule.state_dict(),
         "scaler": run.scaler.state_dict(),
-        "rng": rng_state(),
+        "rng": ranks_rng[0],  # rank 0's (as a single-process run's)
+        "rng_ranks": ranks_rng,  # every rank's own, in rank order
         "progress": {"step": p.step, "epoch": p.epoch, "batch": p.batch, "best_err": p.best_err,
                      "history": p.history},
         "config": {"model": cfg["model"], "data": cfg["data"], "recipe": cfg["recipe"], "seed": cfg["seed"]},
         "preprocessing": run.data.preprocessing.to_dict(),
-        "git_commit": git_commit(),
+        "git_commit": run.commit,
     }
 
 
@@ -252,8 +286,23 @@ def save(run: Run, name: str) -> None:
     if floats and not bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
         raise NonFiniteLoss(f"the training loss diverged: the weights are not finite at step {run.progress.step}; "
                             f"stopping. {kept_checkpoint(run)}; lower the lr or check the data")
+    sync_state(run)
+    ranks_rng = gather_objects(rng_state(run.device), run.dist)  # collective: every rank calls save()
     if run.dist.is_main:
-        save_atomic(checkpoint(run), run.out / "checkpoints" / f"{name}.pt")
+        save_atomic(checkpoint(run, ranks_rng), run.out / "checkpoints" / f"{name}.pt")
+    if name == "last":
+        run.last_save = time.monotonic()
+
+
+def sync_state(run: Run) -> None:
+    """Rank 0's BN running statistics (and the weight average) on every rank, as the checkpoint holds them.
+
+    DDP broadcasts buffers only at a training forward, so each rank would otherwise evaluate with its own
+    last batches' statistics. Called before every evaluation and save (a no-op on one process).
+    """
+    broadcast_state(run.raw, run.dist)
+    if run.ema is not None:
+        broadcast_state(run.ema.module, run.dist)
 
 
 def resume(run: Run) -> bool:
@@ -281,7 +330,7 @@ def resume(run: Run) -> bool:
                          f"a new name=") from None
     run.schedule.load_state_dict(ck["schedule"])
     run.scaler.load_state_dict(ck["scaler"])
-    set_rng_state(ck["rng"])
+    restore_rng(ck, run)
     p = ck["progress"]
     run.progress = Progress(p["step"], p["epoch"], p["batch"], p["best_err"], p["history"])
     return True
@@ -310,7 +359,7 @@ def train_one_epoch(run: Run) -> None:
         x = items.to(dev, non_blocking=True)
         y = batch["labels"].to(dev, non_blocking=True)
         if run.data.batch_aug is not None:
-            x = run.data.batch_aug(x, sample_seed(cfg.seed, p.epoch, p.batch))
+            x = run.data.batch_aug(x, sample_seed(rank_seed(cfg.seed, run.dist.rank), p.epoch, p.batch))
         # Normalize (and PCA-light) on the device, in channels_last (faster on CUDA and on CPU alike).
         x = run.normalize(x)
         if cfg.trainer.channels_last:
@@ -339,19 +388,24 @@ def train_one_epoch(run: Run) -> None:
             run.ema.update(run.raw, step=p.step)
         p.step += 1
         bar.update(1)
-        # Act on a stop signal at a step every rank agrees on (at once alone; at log steps under DDP).
+        # Act on a stop signal (or the checkpoint interval) at a step every rank agrees on (at once alone; at log
+        # steps under DDP).
         at_log = p.step % cfg.trainer.log_every == 0 or p.step >= run.total_steps
-        stop = agree_to_stop(run) if (at_log or not run.dist.enabled) else False
-        # Check the loss before anything is saved (every step on CPU), log, and apply the warm-up rule.
-        at_save = p.step % cfg.trainer.checkpoint_every == 0 or stop
-        if at_log or at_save or dev.type == "cpu":
-            mean_loss = float(loss_sum) / max(1, micro)
+        stop, due = agree_to_stop(run) if (at_log or not run.dist.enabled) else (False, False)
+        at_save = p.step % cfg.trainer.checkpoint_every == 0 or due
+        # Check the loss before anything is saved (every step on CPU), log, and apply the warm-up rule: on the
+        # counts of every rank (summed), so every rank stops on a non-finite loss and leaves warm-up together.
+        if at_log or at_save or stop or dev.type == "cpu":
+            totals = all_reduce_sum(torch.stack([loss_sum, wrong, torch.tensor(float(seen), device=dev),
+                                                 torch.tensor(float(micro), device=dev)]).double(), run.dist)
+            g_loss, g_wrong, g_seen, g_micro = totals.tolist()
+            mean_loss = g_loss / max(1.0, g_micro)
             if not math.isfinite(mean_loss):
                 raise NonFiniteLoss(f"the training loss is {mean_loss} at step {p.step} (lr {lr:g}); stopping. "
                                     f"{kept_checkpoint(run)}; lower the lr or check the data")
             if at_log:
-                err = 100.0 * float(wrong) / max(1, seen)
-                rate = seen * run.dist.world_size / (time.perf_counter() - t0)
+                err = 100.0 * g_wrong / max(1.0, g_seen)
+                rate = g_seen / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", err=f"{err:.1f}%", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
                 if run.schedule.observe_train(p.step, err):
                     log.info("warm-up over at step %d (training error %.1f%%)", p.step, err)
@@ -363,7 +417,7 @@ def train_one_epoch(run: Run) -> None:
                 loss_sum.zero_()
                 wrong.zero_()
                 seen, micro, t0 = 0, 0, time.perf_counter()
-        if p.step % cfg.trainer.checkpoint_every == 0:
+        if at_save:
             save(run, "last")
         if stop or p.step >= run.total_steps:
             break
@@ -373,13 +427,19 @@ def train_one_epoch(run: Run) -> None:
         p.epoch, p.batch = p.epoch + 1, 0
 
 
-def agree_to_stop(run: Run) -> bool:
-    """Whether to stop for a signal, the same on every rank: true when any rank got one (collective under DDP)."""
+def agree_to_stop(run: Run) -> tuple[bool, bool]:
+    """(stop for a signal, write last.pt for the time interval), the same on every rank (collective under DDP).
+
+    Stop when any rank got a signal; the interval (`trainer.checkpoint_every_s`) runs on rank 0's clock.
+    """
     got = run.stop_signal is not None
+    every = run.cfg.trainer.get("checkpoint_every_s")
+    due = bool(every) and run.dist.is_main and time.monotonic() - run.last_save >= every
     if run.dist.enabled:
-        got = bool(all_reduce_sum(torch.tensor(float(got), device=run.device), run.dist) > 0)
+        flags = all_reduce_sum(torch.tensor([float(got), float(due)], device=run.device), run.dist)
+        got, due = bool(flags[0] > 0), bool(flags[1] > 0)
     run.stopping = got
-    return got
+    return got, due
 
 
 class _null:
@@ -395,17 +455,19 @@ class _null:
 def validate(run: Run, ds: Any, protocols: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Top-1/top-5 error of the model (and of its weight average) on an evaluation set, center view by default."""
     protocols = protocols or ["center"]
+    sync_state(run)  # every rank evaluates the model the checkpoint holds
     resize, crop = run.data.eval_size
     ds.transform = EvalViews(protocols, resize=resize, crop=crop)
     loader = DataLoader(ds, batch_size=run.cfg.data.batch_size, num_workers=0 if isinstance(ds, ImageTensors)
                         else run.cfg.data.num_workers, sampler=ShardSampler(len(ds), run.dist.rank,
                         run.dist.world_size), collate_fn=collate, pin_memory=run.device.type == "cuda")
     on_error = run.cfg.data.on_error
-    out = evaluate(run.raw, run.normalize, loader, run.device, protocols, on_error=on_error,
-                   amp=run.amp_dtype is not None, dist=run.dist, progress=False).metrics()
+    precision = run.cfg.trainer.get("eval_precision", "fp32")
+    out = evaluate(run.raw, run.normalize, loader, run.device, protocols, on_error=on_error, dist=run.dist,
+                   progress=False, precision=precision).metrics()
     if run.ema is not None:  # the released MobileNetV2 recipe reports the averaged weights
         ema = evaluate(run.ema.module, run.normalize, loader, run.device, protocols, on_error=on_error,
-                       amp=run.amp_dtype is not None, dist=run.dist, progress=False).metrics()
+                       dist=run.dist, progress=False, precision=precision).metrics()
         out = {**ema, **{f"{p}_noema": m for p, m in out.items()}}
     return out
 
@@ -447,7 +509,8 @@ def check_config(cfg: DictConfig) -> None:
     choices = {"recipe.augment.train": (cfg.recipe.augment.train, AUGMENTS), "trainer.amp": (cfg.trainer.amp, AMP),
                "resume": (cfg.resume, ("never", "auto")), "data.on_error": (cfg.data.on_error, ("raise", "skip")),
                "recipe.length_unit": (cfg.recipe.length_unit, ("epochs", "steps")),
-               "trainer.device": (cfg.trainer.device, ("auto", "cpu", "cuda"))}
+               "trainer.device": (cfg.trainer.device, ("auto", "cpu", "cuda")),
+               "trainer.eval_precision": (cfg.trainer.get("eval_precision", "fp32"), PRECISIONS)}
     for key, (value, valid) in choices.items():
         if value not in valid:
             fail(f"{key}={value!r} is not valid; choose one of {list(valid)}")
@@ -523,9 +586,11 @@ def peak_lr(recipe: DictConfig) -> float:
 
 
 def amp_dtype(kind: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = full precision)."""
+    """The autocast dtype (None = full precision); auto: bf16 on GPUs with native bf16, else fp16; off on CPU."""
     if kind == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[kind]
 
 
@@ -540,6 +605,9 @@ def setup(cfg: DictConfig, d: Dist, device: torch.device, out: Path) -> Run:
     model_cfg["num_classes"] = len(data.classes)
     cfg.model.num_classes = len(data.classes)
     raw = create_model_from_config(model_cfg).to(device)
+    if d.rank > 0:  # the same initial weights on every rank; each rank's own augmentation and dropout streams
+        torch.manual_seed(rank_seed(cfg.seed, d.rank))
+        random.seed(rank_seed(cfg.seed, d.rank))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
     if cfg.trainer.channels_last:  # CPU too: ResNet-20's fp32 step 487 img/s against 424 (2-core Xeon)
@@ -588,7 +656,7 @@ def setup(cfg: DictConfig, d: Dist, device: torch.device, out: Path) -> Run:
                  d.world_size, batch["grad_accum"], batch["per_process"], lr, device, cfg.val_split or "nothing",
                  cfg.test_split or cfg.val_split)
     return Run(cfg, model, raw, ema, optimizer, schedule, scaler, normalize, criterion, data, device, dtype, total,
-               spe, d, out, Progress(), writer)
+               spe, d, out, Progress(), writer, commit=git_commit() if d.is_main else None)
 
 
 def final_metrics(run: Run) -> dict[str, Any]:
@@ -598,6 +666,7 @@ def final_metrics(run: Run) -> dict[str, Any]:
     best = run.progress.best_err if math.isfinite(run.progress.best_err) else None
     return {**metrics, "split": run.cfg.test_split or run.cfg.val_split, "best_val_top1_err": best,
             "steps": run.progress.step, "batch": batch_plan(run.cfg, run.dist.world_size),
+            "eval_precision": run.cfg.trainer.get("eval_precision", "fp32"),
             "lr": run.schedule.base_lr, "config": OmegaConf.to_container(run.cfg, resolve=True)}
 
 
@@ -630,9 +699,7 @@ def _train(cfg: DictConfig) -> None:
         check_splits(cfg)  # the splits' files are listed, not decoded
         export_slurm_env()  # the ranks of a multi-task SLURM job, before the device is chosen by LOCAL_RANK
         device = select_device(cfg.trainer.device)
-        d = init_distributed(device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        d = init_distributed(device)  # also makes the device current on CUDA
         out = Path(broadcast_object(str(run_dir()), d))
         run = setup(cfg, d, device, out)
     except (ValueError, DataError) as e:
@@ -657,7 +724,7 @@ def _train(cfg: DictConfig) -> None:
         signal.signal(sig, on_signal)
     try:
         fit(run)
-    except (NonFiniteLoss, DataError) as e:
+    except (NonFiniteLoss, DataError, ValueError) as e:  # ValueError: e.g. out of GPU memory in evaluation
         fail(str(e))
     finally:
         if run.writer is not None:

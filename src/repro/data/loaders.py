@@ -21,18 +21,20 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class EpochSampler(Sampler[tuple[int, int]]):
     """This rank's (epoch, index) pairs: a seeded shuffle per epoch, equal shards, whole batches only.
 
-    `start_batch` skips the batches a resumed run has already trained on.
+    `start_batch` skips the batches a resumed run has already trained on. The batch count is rounded down to a
+    multiple of `multiple` (trainer.grad_accum), so an epoch is a whole number of optimizer steps.
     """
 
     def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, multiple: int = 1) -> None:
         self.length, self.batch_size, self.seed = length, batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.epoch, self.start_batch = 0, 0
-        self.batches = length // (batch_size * world_size)
+        self.batches = length // (batch_size * world_size) // multiple * multiple
         if self.batches == 0:
-            raise ValueError(f"{length} training images cannot fill one batch of {batch_size} x {world_size} "
-                             f"processes; lower recipe.batch_size (the global batch) or use fewer processes")
+            raise ValueError(f"{length} training images cannot fill {multiple} batch(es) of {batch_size} x "
+                             f"{world_size} processes; lower recipe.batch_size (the global batch), trainer.grad_accum "
+                             f"or the number of processes")
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Choose the epoch (its shuffle) and the first batch to yield."""

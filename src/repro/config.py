@@ -233,6 +233,8 @@ class TrainerConfig:
     sync_bn: bool = False  # SyncBatchNorm across ranks
     eval_every: int = 1  # validate every N epochs (and at the end)
     checkpoint_every: int = 500  # write checkpoints/last.pt every N optimizer steps (and at the end)
+    checkpoint_every_s: Any = 1800  # ... and every N seconds (checked at log steps under torchrun); null = off
+    eval_precision: str = "fp32"  # evaluation (per epoch and final): fp32 (TF32 off) | tf32 | bf16 | fp16
     log_every: int = 20  # TensorBoard train scalars every N steps
     progress: bool = True  # progress bars with throughput
 
@@ -279,7 +281,8 @@ class EvalOptions:
     bn_recalibrate_split: str = "train"  # the split those images come from
     save_predictions: bool = False  # also write predictions.csv
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = False  # bf16 autocast on CUDA
+    amp: bool = False  # bf16 autocast on CUDA (the same as precision=bf16)
+    precision: Any = None  # fp32 (TF32 off) | tf32 | bf16 | fp16; null = fp32, or bf16 with eval.amp=true
     progress: bool = True
 
 

@@ -411,11 +411,9 @@ def test_torchrun_two_cpu_processes(torchrun_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="train.py: under DDP each rank keeps the BN running statistics of its own "
-                   "last batches (DDP broadcasts buffers only at the next training forward), so the ranks evaluate "
-                   "their shards with different models; broadcast rank 0's buffers before evaluating")
 def test_torchrun_ranks_end_with_the_same_bn_statistics(torchrun_run):
-    """Both ranks evaluate the model the checkpoint holds: BN running statistics equal on every rank too."""
+    """Both ranks evaluate the model the checkpoint holds: BN running statistics equal on every rank too (rank 0's
+    are broadcast before every evaluation and save; DDP itself broadcasts them only at a training forward)."""
     cwd, res = torchrun_run
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = _rank_states(cwd)

@@ -644,11 +644,11 @@ def test_export_slurm_env_without_submitit(environ, monkeypatch):
 @pytest.mark.slow
 def test_resnet20_learns_cifar10(tmp_path):
     """ResNet-20, CIFAR recipe cut to 1200 steps on real CIFAR-10: val error far below chance's 90% (we see ~54%)."""
-    # One pass over 19.2k of a 20k seeded sample of the training JPEGs, batch 16: ~2 min on 2 cores.
+    # One pass over 19.2k of a 20k seeded sample of the training JPEGs, global batch 16 (lr 0.0125): ~2 min on 2 cores.
     if not (CIFAR_ROOT / "train").is_dir():
         pytest.skip(f"the shared CIFAR-10 JPEGs are not at {CIFAR_ROOT}")
     res = subprocess_run("repro-train", "model=resnet20", "data=cifar10", f"data.root={CIFAR_ROOT}",
-                         "data.limit=20000", "data.val_size=1000", "data.batch_size=16", "test_split=null",
+                         "data.limit=20000", "data.val_size=1000", "recipe.batch_size=16", "test_split=null",
                          "recipe=resnet_cifar", "trainer.max_steps=1200", "trainer.eval_every=10", "name=cifar",
                          *QUICK, cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -229,7 +229,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["name=fig7", "trainer.progress=false", "trainer.max_steps=2",
-                                          "data.batch_size=32"])
+                                          "recipe.batch_size=32"])
     run = setup(cfg, Dist(), CPU, out)
     try:
         train_one_epoch(run)

@@ -233,14 +233,15 @@ def test_ranks_share_initial_weights_but_not_random_streams(tmp_path, monkeypatc
     """Rank 1 of 2 starts from rank 0's weights, but its crop offsets and its torch stream (dropout, lighting,
     color jitter) are its own; rank 0's crop seeds are today's single-process ones (sample_seed(seed, epoch, b))."""
     OtherRank(monkeypatch)
-    runs = [two_rank_run(tmp_path, r, "recipe.batch_size=64", "trainer.max_steps=2") for r in (0, 1)]
+    runs, streams = [], []
+    for r in (0, 1):  # the torch stream each rank's loop starts from (one process here: read it after each set-up)
+        runs.append(two_rank_run(tmp_path, r, "recipe.batch_size=64", "trainer.max_steps=2"))
+        streams.append(torch.get_rng_state())
     close(*runs)
     for n, v in runs[0].raw.state_dict().items():
         assert torch.equal(v, runs[1].raw.state_dict()[n]), n
-    streams = []
     seeds: list[list[int]] = []
     for run in runs:
-        streams.append(torch.rand(8))
         mine: list[int] = []
         seeds.append(mine)
         run.data.batch_aug = lambda x, seed, mine=mine: mine.append(seed) or x
@@ -327,7 +328,7 @@ def test_torchrun_metrics_are_what_one_process_measures(torchrun_and_eval):
     trained = json.loads((run / "metrics.json").read_text())
     evaluated = json.loads((cwd / "eval" / "metrics.json").read_text())
     assert trained["eval_precision"] == evaluated["eval_precision"] == "fp32"
-    assert trained["split"] == "val" and trained["center"]["images"] == 360
+    assert trained["split"] == "test" and trained["center"]["images"] == 360  # the digits test split
     for key in ("images", "top1_err", "top5_err"):
         assert trained["center"][key] == evaluated["center"][key], key
     ck = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)

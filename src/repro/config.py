@@ -308,7 +308,7 @@ class SummaryConfig:
 class TablesConfig:
     """`repro-tables`: the papers' tables and figures from run directories."""
 
-    runs: Any = None  # a run dir, a folder of them, a glob, or a list; null: outputs/ and multirun/ where they exist
+    runs: Any = None  # run dir(s), folder(s) or glob(s); null: results/runs/, outputs/, multirun/ where they exist
     out: Any = None  # where tables and figures go; null: this command's run dir
     tables: Any = None  # table ids to write; null: all
     figures: bool = True  # also draw out/figures/*.png

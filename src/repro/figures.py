@@ -211,11 +211,14 @@ FIG7_MODELS = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")
 
 
 def fig7_checkpoints(runs: list[RunRecord]) -> dict[str, tuple[Path, str]]:
-    """One CIFAR-10 checkpoint per Fig. 7 model (option A): the newest finished run's last.pt and its eval split."""
+    """One CIFAR-10 checkpoint per Fig. 7 model (option A): the newest finished run's last.pt (or a record's model.pt)
+    and its eval split."""
     found: dict[str, tuple[Path, str]] = {}
     for run in sorted(runs, key=lambda r: str(r.path)):
         name = run.model.get("name")
         ck = run.path / "checkpoints" / "last.pt"
+        if not ck.is_file():  # a committed run record (results/runs/...) keeps only the final weights
+            ck = run.path / "model.pt"
         if (run.kind == "train" and run.metrics is not None and name in FIG7_MODELS and ck.is_file()
                 and run.dataset == "cifar10" and run.model.get("shortcut", "A") == "A"):
             found[name] = (ck, run.split)

@@ -422,7 +422,7 @@ def _sync(device: torch.device) -> None:
 
 
 def bare_steps(run: Any, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
-    """Seconds per optimizer step on one device-resident batch (no loader): forward, backward, step."""
+    """Seconds per optimizer step on one device-resident batch (no loader): the median of `steps` timed steps."""
     def step() -> None:
         with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
             loss = run.criterion(run.model(x).float(), y)
@@ -432,14 +432,16 @@ def bare_steps(run: Any, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
         run.optimizer.zero_grad(set_to_none=True)
 
     run.model.train()
-    for _ in range(2):  # warm-up (cuDNN benchmark, allocator)
+    for _ in range(3):  # warm-up (cuDNN benchmark, oneDNN primitives, allocator)
         step()
-    _sync(run.device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
+    times = []
+    for _ in range(max(1, steps)):
+        _sync(run.device)
+        t0 = time.perf_counter()
         step()
-    _sync(run.device)
-    return (time.perf_counter() - t0) / steps
+        _sync(run.device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def device_batch(run: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,11 +107,11 @@ def test_folder_val_files_that_are_training_files_refused(in_process, tmp_path, 
         shared, total = 4, 4
     else:  # data.val_dir inside the training folder: its class folders are train/<cls>/
         nested = train / "a" / "sub"
-        nested.mkdir()
-        (nested / "c").mkdir()
-        write_png(torch.zeros((3, 8, 8), dtype=torch.uint8), str(nested / "c" / "1.png"))
+        for cls in "ab":
+            (nested / cls).mkdir(parents=True)
+            write_png(torch.zeros((3, 8, 8), dtype=torch.uint8), str(nested / cls / "x.png"))
         val = nested
-        shared, total = 1, 1
+        shared, total = 2, 2
     decoded = _count_decodes(monkeypatch)
     res = in_process(train_main, "repro-train", "model=resnet18", "data=folder", f"data.train_dir={train}",
                      f"data.val_dir={val}", "data.num_classes=null", "test_split=null", "recipe=resnet_imagenet",
@@ -174,3 +174,39 @@ def test_evaluation_records_name_their_split(in_process, tmp_path, val_split):
     assert {f"{val_split}/top1_err", f"{val_split}/top5_err"} <= tags
     assert not {f"{other}/top1_err", f"{other}/top5_err"} & tags
     assert (run / "checkpoints" / "best.pt").exists() == (val_split == "val")
+
+
+# ------------------------------------------------------------------------------------- folder classes
+def test_folder_class_lists_must_agree(in_process, tmp_path):
+    """data=folder: an extra (empty) class folder in training only would shift every label; an empty class folder
+    or a validation folder with other classes is refused, naming the folders, before anything is decoded."""
+    train, val = _folder(tmp_path / "train"), _folder(tmp_path / "val")
+    cfg = SimpleNamespace(name="folder", root=None, train_dir=str(train), val_dir=str(val), num_classes=None)
+    (train / "0extra").mkdir()  # sorts first: without the check, val's "a" would be label 0, train's "a" label 1
+    with pytest.raises(datasets.DataError, match=r"class folders without images: \['0extra'\]"):
+        datasets.build_dataset(cfg, "train")
+    write_png(torch.zeros((3, 8, 8), dtype=torch.uint8), str(train / "0extra" / "0.png"))
+    with pytest.raises(datasets.DataError, match=r"differ: only in training \['0extra'\], only in validation \[\]"):
+        datasets.build_dataset(cfg, "val")
+    res = in_process(train_main, "repro-train", "model=resnet18", "data=folder", f"data.train_dir={train}",
+                     f"data.val_dir={val}", "data.num_classes=null", "test_split=null", "recipe=resnet_imagenet",
+                     "name=classes", *QUICK, cwd=tmp_path)
+    assert res.returncode == 2 and "only in training ['0extra']" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_unreadable_class_folder_refused(tmp_path):
+    """A class folder the process cannot read is named, not silently dropped (skipped when running as a user who
+    can read anything)."""
+    import os
+
+    train = _folder(tmp_path / "train")
+    (train / "b" / "sub").mkdir()
+    os.chmod(train / "b" / "sub", 0)
+    try:
+        if os.access(train / "b" / "sub", os.R_OK):
+            pytest.skip("this user reads folders without read permission (root): the case cannot be made here")
+        cfg = SimpleNamespace(name="folder", root=None, train_dir=str(train), val_dir=None, num_classes=None)
+        with pytest.raises(datasets.DataError, match="cannot read .*sub.*fix its permissions"):
+            datasets.build_dataset(cfg, "train")
+    finally:
+        os.chmod(train / "b" / "sub", 0o755)

@@ -67,14 +67,24 @@ def scan_folder(root: str | Path, class_names: Sequence[str] | None = None) -> t
         raise DataError(f"{str(root)!r} has folders that are not classes of this dataset: {unknown[:5]}"
                         f"{' ...' if len(unknown) > 5 else ''}; ImageNet folders must be synset ids such as "
                         f"n01440764 (use data=folder for other class names)")
-    paths, labels = [], []
+    paths, labels, empty, unreadable = [], [], [], []
     for c in found:
-        for dirpath, dirnames, filenames in os.walk(root / c, followlinks=True):
+        before = len(paths)
+        for dirpath, dirnames, filenames in os.walk(root / c, onerror=unreadable.append, followlinks=True):
             dirnames.sort()
             for f in sorted(filenames):
                 if is_image_file(f):
                     paths.append(os.path.join(dirpath, f))
                     labels.append(index[c])
+        if len(paths) == before:
+            empty.append(c)
+    if unreadable:
+        raise DataError(f"cannot read {unreadable[0].filename!r} ({unreadable[0].strerror}) in {str(root)!r}"
+                        f"{f' and {len(unreadable) - 1} more folders' if len(unreadable) > 1 else ''}; fix its "
+                        f"permissions or move it out of the data folder")
+    if empty and len(empty) < len(found):
+        raise DataError(f"{str(root)!r} has class folders without images: {empty[:5]}{' ...' if len(empty) > 5 else ''}"
+                        f"; each folder is a class, so remove them or add their images")
     if not paths:
         raise DataError(f"{str(root)!r} has class folders but no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return paths, labels, classes
@@ -218,8 +228,24 @@ def _build(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Datase
             folder = os.path.join(cfg.root, split)
         classes = imagenet_synsets() if name == "imagenet" else None
         paths, labels, classes = scan_folder(folder, classes)
+        if name == "folder" and split == "val":
+            _same_classes(cfg, classes, folder)
         return ImageFiles(paths, labels, classes, transform, root=str(folder))
     return _build_cifar(cfg, split, transform)
+
+
+def _same_classes(cfg: Any, val_classes: list[str], val_folder: str) -> None:
+    """data=folder: the validation folder's classes must be the training folder's (labels are their sorted order)."""
+    train = cfg.train_dir or (os.path.join(cfg.root, "train") if cfg.root else None)
+    if train is None or not os.path.isdir(train):
+        return  # evaluation alone: no training folder to compare with
+    train_classes = sorted(e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith("."))
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise DataError(f"the class folders of {train!r} (training) and {val_folder!r} (validation) differ: "
+                        f"only in training {only_train[:5]}, only in validation {only_val[:5]}; labels are "
+                        f"the sorted folder names, so both must hold the same class folders")
 
 
 def _build_cifar(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Dataset:

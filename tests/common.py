@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout
 SHARED = ROOT.parent / "shared"  # real images and published weights, beside the checkout (tests skip without)
@@ -20,3 +24,14 @@ def cifar_train_only(tmp: Path) -> Path:
     if not (root / "train").exists():
         (root / "train").symlink_to(CIFAR_ROOT / "train", target_is_directory=True)
     return root
+
+
+class FakeDDP(nn.Module):
+    """DistributedDataParallel's place in setup(), without a process group."""
+
+    def __init__(self, module: nn.Module, device_ids: Any = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)

@@ -59,3 +59,15 @@ def in_process(monkeypatch, capfd):
         return Result(code, out, err)
 
     return run
+
+
+@pytest.fixture
+def repro_eval(in_process):
+    """Run `repro-eval ARGS` in this process (the console script's code path) in folder `cwd`, made if missing."""
+    from repro.eval import main as eval_main
+
+    def run(*args: str, cwd: Path) -> Result:
+        cwd.mkdir(parents=True, exist_ok=True)
+        return in_process(eval_main, "repro-eval", *args, cwd=cwd)
+
+    return run

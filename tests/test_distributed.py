@@ -20,6 +20,7 @@ from torch import nn
 
 import repro.distributed as rd
 import repro.train as tr
+from common import FakeDDP
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.data import Normalize, Preprocessing
@@ -42,17 +43,6 @@ def config(*overrides: str) -> Any:
                                           *overrides])
     tr.check_config(cfg)
     return cfg
-
-
-class FakeDDP(nn.Module):
-    """DistributedDataParallel's place in setup(), without a process group."""
-
-    def __init__(self, module: nn.Module, device_ids: Any = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
 
 
 class OtherRank:

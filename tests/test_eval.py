@@ -5,12 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
 import os
 import shutil
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
@@ -29,7 +26,6 @@ from repro.data import DataError, EvalViews, Normalize, Preprocessing, collate, 
 from repro.data.datasets import ImageFiles, scan_folder
 from repro.engine import Tally, class_ranks, evaluate, top_predictions
 from repro.eval import PREDICTION_COLUMNS
-from repro.eval import main as eval_main
 from repro.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -352,38 +348,6 @@ def test_multi_scale_averages_over_scales_and_flips(tmp_path, average, top1_hits
 
 
 # ---------------------------------------------------------------------------------- repro-eval helpers
-class Result:
-    """Exit code and output of one repro-eval run."""
-
-    def __init__(self, code: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = code, stdout, stderr
-
-
-@pytest.fixture
-def repro_eval(monkeypatch, capfd):
-    """Run `repro-eval ARGS` in this process: the console script's code path, without interpreter startup."""
-
-    def run(*args: str, cwd: Path) -> Result:
-        monkeypatch.chdir(cwd)
-        monkeypatch.setattr(sys, "argv", ["repro-eval", *args])
-        root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level
-        capfd.readouterr()
-        code = 0
-        try:
-            eval_main()
-        except SystemExit as e:
-            code = 0 if e.code is None else e.code
-        finally:  # leave no Hydra or logging state to later tests
-            GlobalHydra.instance().clear()
-            for h in [h for h in root.handlers if h not in handlers]:
-                root.removeHandler(h)
-                h.close()
-            root.setLevel(level)
-        out, err = capfd.readouterr()
-        return Result(code, out, err)
-
-    return run
 
 
 def _subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 from torch import nn
 
@@ -23,7 +20,6 @@ from common import IMAGENET_SAMPLE, MEAN, STD
 from repro.data import EvalViews, Normalize, Preprocessing, load_image
 from repro.data.transforms import central_fraction_box
 from repro.eval import BN_SUFFIX, recalibrate_bn
-from repro.eval import main as eval_main
 from repro.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,32 +87,11 @@ def test_slim_center_matches_reference_on_real_jpegs():
 
 
 # -------------------------------------------------------------------------------------------- repro-eval
-@pytest.fixture
-def repro_eval(monkeypatch, capfd):
-    """Run `repro-eval ARGS` in this process (the console script's code path); returns its exit code and output."""
+def _code_out(res) -> tuple[int, str]:
+    """A repro-eval run's exit code and all its output."""
+    return res.returncode, res.stdout + res.stderr
 
-    def run(*args: str, cwd: Path) -> tuple[int, str]:
-        cwd.mkdir(parents=True, exist_ok=True)
-        monkeypatch.chdir(cwd)
-        monkeypatch.setattr(sys, "argv", ["repro-eval", *args])
-        root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level
-        capfd.readouterr()
-        code = 0
-        try:
-            eval_main()
-        except SystemExit as e:
-            code = 0 if e.code is None else e.code
-        finally:  # leave no Hydra or logging state to later tests
-            GlobalHydra.instance().clear()
-            for handler in [h for h in root.handlers if h not in handlers]:
-                root.removeHandler(handler)
-                handler.close()
-            root.setLevel(level)
-        out, err = capfd.readouterr()
-        return code, out + err
 
-    return run
 
 
 def _run_dir(cwd: Path) -> Path:
@@ -137,9 +112,10 @@ def test_repro_eval_slim_center_predictions(tmp_path, repro_eval):
     ckpt = tmp_path / "r18.pt"
     torch.save({"model": model.state_dict(), "preprocessing": {"mean": list(MEAN), "std": list(STD)},
                 "config": {"model": {"name": "resnet18", "resolution": 96, "num_classes": len(classes)}}}, ckpt)
-    code, out = repro_eval("data=folder", f"data.val_dir={IMAGENET_SAMPLE}", "data.limit=4", "data.num_workers=0",
-                           "data.batch_size=4", f"weights.path={ckpt}", "eval.progress=false",
-                           "eval.protocols=[center,slim_center]", "eval.save_predictions=true", cwd=tmp_path)
+    code, out = _code_out(repro_eval("data=folder", f"data.val_dir={IMAGENET_SAMPLE}", "data.limit=4",
+                                     "data.num_workers=0", "data.batch_size=4", f"weights.path={ckpt}",
+                                     "eval.progress=false", "eval.protocols=[center,slim_center]",
+                                     "eval.save_predictions=true", cwd=tmp_path))
     assert code == 0, out
     metrics = json.loads((_run_dir(tmp_path) / "metrics.json").read_text())
     assert metrics["slim_center"]["images"] == metrics["center"]["images"] == 4
@@ -238,10 +214,10 @@ def test_repro_eval_bn_recalibrate_reports_both(tmp_path, repro_eval):
                                      "shortcut_pad": "after", "zero_init_residual": False}}}, ckpt)
     args = ["data=digits", "data.split=test", "data.limit=40", "data.batch_size=20", f"weights.path={ckpt}",
             "eval.progress=false", "eval.save_predictions=true"]
-    code, out = repro_eval(*args, cwd=tmp_path / "plain")
+    code, out = _code_out(repro_eval(*args, cwd=tmp_path / "plain"))
     assert code == 0, out
     plain = json.loads((_run_dir(tmp_path / "plain") / "metrics.json").read_text())
-    code, out = repro_eval(*args, "eval.bn_recalibrate=60", cwd=tmp_path / "recal")
+    code, out = _code_out(repro_eval(*args, "eval.bn_recalibrate=60", cwd=tmp_path / "recal"))
     assert code == 0, out
     assert "center_bnrecal" in out  # the printed table has both rows
     run = _run_dir(tmp_path / "recal")
@@ -275,7 +251,7 @@ def test_bn_recalibrate_under_torchrun_equals_one_process(tmp_path, repro_eval):
     res = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "repro.eval", *args],
                          cwd=tmp_path / "multi", capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
-    code, out = repro_eval(*args, cwd=tmp_path / "single")
+    code, out = _code_out(repro_eval(*args, cwd=tmp_path / "single"))
     assert code == 0, out
     multi, single = (json.loads((_run_dir(tmp_path / d) / "metrics.json").read_text()) for d in ("multi", "single"))
     assert multi["bn_recalibrate"]["images"] == single["bn_recalibrate"]["images"] == 10
@@ -290,5 +266,5 @@ def test_bn_recalibrate_under_torchrun_equals_one_process(tmp_path, repro_eval):
 
 def test_repro_eval_refuses_negative_bn_recalibrate(tmp_path, repro_eval):
     """A negative image count is refused before any work, naming the key."""
-    code, out = repro_eval("data=digits", "weights.path=x.pt", "eval.bn_recalibrate=-1", cwd=tmp_path)
+    code, out = _code_out(repro_eval("data=digits", "weights.path=x.pt", "eval.bn_recalibrate=-1", cwd=tmp_path))
     assert code != 0 and "eval.bn_recalibrate=-1 is not valid" in out

@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+from common import FakeDDP
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.data import build_dataset
@@ -298,17 +299,6 @@ def test_best_checkpoint_holds_the_best_validation_epoch(tmp_path):
 def _clean_env() -> dict[str, str]:
     """The environment without a surrounding torchrun's variables."""
     return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-
-
-class FakeDDP(nn.Module):
-    """DistributedDataParallel's place in setup(), without a process group."""
-
-    def __init__(self, module: nn.Module, device_ids: Any = None, **kwargs: Any) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
 
 
 @pytest.mark.parametrize("sync", [True, False])

@@ -390,6 +390,8 @@ def test_no_weight_decay_on_depthwise_and_bn():
     ("final_protocols=[ten_crop]", "data=digits is evaluated on the image itself: final_protocols=[center] only"),
     ("data.batch_size=0", "data.batch_size=0 is not valid; it must be > 0"),
     ("recipe.batch_size=0", "recipe.batch_size=0 is not valid; it must be > 0"),
+    ("trainer.grad_accum=3", "the global batch recipe.batch_size=64 does not divide into 1 processes x "
+                             "trainer.grad_accum=3; choose processes x grad_accum that divide 64"),
     ("trainer.max_steps=-3", "trainer.max_steps=-3 is not valid; it must be > 0"),
     ("val_split=holdout", "val_split='holdout' is not a split of data=digits; choose one of ['train', 'val', 'test', "
                           "'trainval']"),

@@ -14,13 +14,13 @@ import torchvision.transforms.v2 as T2
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from common import MEAN, ROOT, STD
+from common import CIFAR_ROOT, MEAN, ROOT, STD
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.data import transforms
 from repro.data.transforms import Lighting, Normalize, Preprocessing, RandomResizedCrop, ScaleAugCrop
 from repro.distributed import Dist
-from repro.train import check_config, fit, setup
+from repro.train import check_config, fit, setup, train_one_epoch
 
 CPU = torch.device("cpu")
 # Tiny models: one thread (oneDNN's spinning threads cost 10-50x on a loaded 2-core machine).
@@ -256,3 +256,64 @@ def test_two_steps_from_image_files_with_each_recipes_augmentation(tmp_path, rec
     assert run.progress.step == 2
     metrics = (run.out / "metrics.json").read_text()
     assert '"images": 4' in metrics
+
+
+# ------------------------------------------------------------------------------ the CIFAR training batches
+def _cifar_subset(root: Path, per_class: int) -> None:
+    """A CIFAR image-folder root (train/ only) with the first `per_class` shared training JPEGs of each class."""
+    for cls in sorted(p for p in (CIFAR_ROOT / "train").iterdir() if p.is_dir()):
+        (root / "train" / cls.name).mkdir(parents=True)
+        for f in sorted(cls.glob("*.jpg"))[:per_class]:
+            (root / "train" / cls.name / f.name).symlink_to(f)
+
+
+def test_cifar_training_batches_are_pad_crops_of_the_files(tmp_path):
+    """What ResNet-20 is fed in training (data=cifar10, recipe=resnet_cifar, §4.2): each input is a 32x32 window
+    of a JPEG (decoded by PIL) zero-padded by 4 pixels, mirrored about half the time, scaled to [0, 1] minus the
+    per-pixel mean of the training images, under its folder's label; every window position occurs and no image
+    repeats within the epoch."""
+    if not (CIFAR_ROOT / "train").is_dir():
+        pytest.skip(f"the shared CIFAR-10 JPEGs are not at {CIFAR_ROOT}")
+    _cifar_subset(tmp_path / "cifar", 13)  # 130 images: 2 batches of 64 in an epoch
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "model=resnet20", "data=cifar10", "recipe=resnet_cifar", f"data.root={tmp_path / 'cifar'}",
+            "data.num_workers=0", "recipe.batch_size=64", "train_split=trainval", "val_split=null",
+            "test_split=null", "trainer.max_steps=2", "trainer.device=cpu", "trainer.progress=false", "name=c"])
+    check_config(cfg)
+    # The reference: PIL's decode of every file, its folder's index among the sorted class names, and each of
+    # the 9 x 9 windows of the zero-padded image and of its mirror, by content.
+    classes = sorted(p.name for p in (tmp_path / "cifar" / "train").iterdir())
+    files = sorted((tmp_path / "cifar" / "train").glob("*/*.jpg"))
+    images = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+                          for f in files])
+    mean_image = images.double().mean(0) / 255.0  # ResNet §4.2: the per-pixel mean of the training images
+    windows: dict[bytes, tuple[int, int, int, bool]] = {}
+    for i, img in enumerate(images):
+        padded = torch.nn.functional.pad(img, (4, 4, 4, 4))
+        for top in range(9):
+            for left in range(9):
+                crop = padded[:, top:top + 32, left:left + 32]
+                windows[crop.numpy().tobytes()] = (i, top, left, False)
+                windows[crop.flip(-1).numpy().tobytes()] = (i, top, left, True)
+    run = setup(cfg, Dist(), CPU, tmp_path / "run")
+    inputs, targets = [], []
+    run.raw.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
+    run.criterion.register_forward_pre_hook(lambda m, a: targets.append(a[1].clone()))
+    try:
+        train_one_epoch(run)
+    finally:
+        run.writer.close()
+    assert run.progress.step == 2 and len(inputs) == 2
+    x, y = torch.cat(inputs).double(), torch.cat(targets)
+    assert x.shape == (128, 3, 32, 32)
+    pixels = (x + mean_image) * 255.0  # undo the mean and the scale: the window's uint8 pixels
+    assert (pixels - pixels.round()).abs().max() < 1e-3
+    found = [windows.get(p.round().to(torch.uint8).numpy().tobytes()) for p in pixels]
+    assert all(f is not None for f in found), f"{sum(f is None for f in found)} inputs are no window of any file"
+    index, tops, lefts, flips = zip(*found)
+    assert [classes.index(files[i].parent.name) for i in index] == y.tolist()
+    assert len(set(index)) == 128  # an epoch draws without replacement
+    assert set(tops) == set(range(9)) and set(lefts) == set(range(9))  # offsets 0..8 in the padded image
+    assert 0.3 < sum(flips) / len(flips) < 0.7

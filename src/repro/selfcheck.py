@@ -509,7 +509,40 @@ def check_throughput(ctx: Context) -> list[Check]:
               f"~{need} workers keep up ({os.cpu_count()} CPUs)")
     if cfg.data.name in ("digits", "cifar10", "cifar100"):
         detail += "; in-memory data, batches augmented on the device"
-    return [Check("throughput", "pass", detail)]
+    return [Check("throughput", "pass", detail), check_device_batches(ctx)]
+
+
+def check_device_batches(ctx: Context) -> Check:
+    """In-memory data (digits, as CIFAR) on the GPU: batches, labels and crop offsets never leave it, no host sync."""
+    if not ctx.cuda:
+        return Check("device_batches", "skip", f"{NO_GPU}: in-memory data stays on the CPU")
+    from repro.data.loaders import sample_seed
+    from repro.distributed import Dist
+    from repro.train import setup
+
+    run = setup(train_config(cpu_train_overrides(ctx)), Dist(), ctx.device, ctx.out / "device_batches")
+    if run.writer is not None:
+        run.writer.close()
+    run.data.loader.sampler.set_epoch(0, 0)
+    it = iter(run.data.loader)
+    first = next(it)  # the epoch's order is copied to the device here, once per epoch
+    where = {first["views"].device.type, first["labels"].device.type, first["indices"].device.type}
+    torch.cuda.synchronize(ctx.device)
+    batches = min(5, len(run.data.loader) - 1)
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises from here on
+    try:
+        for b in range(1, 1 + batches):
+            batch = next(it)
+            x = run.data.batch_aug(batch["views"], sample_seed(0, 0, b))
+            run.normalize(x)
+    except RuntimeError as e:
+        return Check("device_batches", "fail", f"a host-device sync in the in-memory batch path: {e}")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    if where != {"cuda"}:
+        return Check("device_batches", "fail", f"in-memory batches come from {sorted(where)}, not the GPU")
+    return Check("device_batches", "pass", f"{batches} batches indexed, cropped, flipped and normalized on the GPU "
+                                           f"with no host-device sync")
 
 
 def check_memory(ctx: Context) -> list[Check]:

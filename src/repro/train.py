@@ -136,7 +136,8 @@ def build_data(cfg: DictConfig, resolution: int, batch: int, d: Dist, device: to
             mean_image = train.images.float().mean(0) / 255.0
         sampler = EpochSampler(len(train.labels), batch, cfg.seed, d.rank, d.world_size,
                                multiple=cfg.trainer.grad_accum)
-        loader: Any = TensorBatches(train.images, train.labels, sampler)
+        # The uint8 training set lives on the device (once), so a step copies nothing from the host.
+        loader: Any = TensorBatches(train.images.to(device), train.labels, sampler)
         batch_aug = BatchPadCrop(crop, aug.pad, aug.flip).to(device) if aug.train == "pad_crop" else None
         if aug.train not in ("pad_crop", "none"):
             raise ValueError(f"recipe.augment.train={aug.train} is for image files; use pad_crop or none with "

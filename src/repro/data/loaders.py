@@ -76,17 +76,20 @@ class SeededSamples(Dataset):
 class TensorBatches:
     """Training batches straight from an in-memory uint8 tensor (CIFAR, digits): one indexing op per batch.
 
-    Augmentation happens batch-wise on the device (see BatchPadCrop), so there is no per-sample Python work.
+    The images and labels stay on the device they were given on (the run's GPU: put there once, 150 MB for
+    CIFAR-10), and so does each epoch's order, copied there once per epoch: a step makes no host-device copy.
+    Augmentation happens batch-wise on the same device (see BatchPadCrop), with no per-sample Python work.
     """
 
     def __init__(self, images: torch.Tensor, labels: list[int], sampler: EpochSampler) -> None:
-        self.images, self.labels, self.sampler = images, torch.tensor(labels, dtype=torch.long), sampler
+        self.images, self.sampler = images, sampler
+        self.labels = torch.tensor(labels, dtype=torch.long).to(images.device)
 
     def __len__(self) -> int:
         return self.sampler.batches - self.sampler.start_batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        idx = torch.tensor(self.sampler.indices(), dtype=torch.long)
+        idx = torch.tensor(self.sampler.indices(), dtype=torch.long).to(self.images.device)
         for b in range(len(self)):
             sel = idx[b * self.sampler.batch_size:(b + 1) * self.sampler.batch_size]
             yield {"views": self.images[sel], "labels": self.labels[sel], "indices": sel, "failed": [],
@@ -94,22 +97,33 @@ class TensorBatches:
 
 
 class BatchPadCrop(torch.nn.Module):
-    """CIFAR augmentation for a whole uint8 batch on its device: pad, random crop, random flip.
+    """CIFAR augmentation for a whole uint8 batch on its device: pad with zeros, random crop, random flip.
 
-    The offsets come from a CPU generator seeded by (seed, epoch, batch), so they are reproducible.
+    The offsets and flips are drawn on the batch's device from a generator seeded by (seed, epoch, batch), so
+    they are reproducible and a GPU step waits for no host copy (a CUDA generator draws other numbers than the
+    CPU one: a run is bit-exact on one device type).
     """
 
     def __init__(self, crop: int, pad: int = 4, flip: bool = True) -> None:
         super().__init__()
         self.crop, self.pad, self.flip = crop, pad, flip
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def draw(self, b: int, h: int, w: int, seed: int, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(top, left, flip) for each of `b` images: offsets into the padded image, flip a boolean or None."""
+        g = self._generators.setdefault(device, torch.Generator(device=device))
+        g.manual_seed(seed)
+        p = self.pad
+        top = torch.randint(0, h + 2 * p - self.crop + 1, (b,), generator=g, device=device)
+        left = torch.randint(0, w + 2 * p - self.crop + 1, (b,), generator=g, device=device)
+        flips = torch.rand(b, generator=g, device=device) < 0.5 if self.flip else None
+        return top, left, flips
 
     def forward(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        b, _, h, w = x.shape
-        g = torch.Generator().manual_seed(seed)
+        b, c, h, w = x.shape
+        top, left, flips = self.draw(b, h, w, seed, x.device)
         p = self.pad
-        top = torch.randint(0, h + 2 * p - self.crop + 1, (b,), generator=g).to(x.device)
-        left = torch.randint(0, w + 2 * p - self.crop + 1, (b,), generator=g).to(x.device)
-        flips = (torch.rand(b, generator=g) < 0.5).to(x.device) if self.flip else None
         padded = torch.nn.functional.pad(x, (p, p, p, p))
         ar = torch.arange(self.crop, device=x.device)
         rows = (top[:, None] + ar)[:, None, :, None]  # [B, 1, crop, 1]
@@ -117,7 +131,7 @@ class BatchPadCrop(torch.nn.Module):
         if flips is not None:
             cols = torch.where(flips[:, None, None, None], cols.flip(-1), cols)
         bi = torch.arange(b, device=x.device)[:, None, None, None]
-        ci = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        ci = torch.arange(c, device=x.device)[None, :, None, None]
         return padded[bi, ci, rows, cols]
 
 

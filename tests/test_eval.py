@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from common import AKAMASTER_DIR, CIFAR_CLASSES, CIFAR_ROOT, MEAN, STD
 from repro.data import DataError, EvalViews, Normalize, Preprocessing, collate, load_image
 from repro.data.datasets import ImageFiles, scan_folder
-from repro.engine import Tally, class_ranks, evaluate, top_predictions
+from repro.engine import MULTI_SCALE_BATCH, Tally, class_ranks, evaluate, top_predictions
 from repro.eval import PREDICTION_COLUMNS
 from repro.models import create_model
 
@@ -345,6 +345,58 @@ def test_multi_scale_averages_over_scales_and_flips(tmp_path, average, top1_hits
         assert (row["label"], row["pred1"], row["protocol"]) == (label, pred, "multi_scale"), rel
         assert row["prob1"] == pytest.approx(probs[pred], abs=1e-6), rel
         assert [row[f"prob{i}"] for i in (1, 2, 3)] == pytest.approx(sorted(probs, reverse=True), abs=1e-6), rel
+
+
+
+class BenchmarkFlag(nn.Module):
+    """Records torch.backends.cudnn.benchmark at each forward; logits from `inner`."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(torch.backends.cudnn.benchmark)
+        return self.inner(x)
+
+
+@pytest.mark.parametrize(("protocols", "during"), [(["multi_scale"], False), (["center"], True)])
+def test_multi_scale_turns_the_cudnn_autotuner_off(tmp_path, monkeypatch, protocols, during):
+    """multi_scale feeds a new input shape per image and scale (124 shapes in 40 ImageNet images): cuDNN's autotuner
+    would benchmark every one, so it is off while they run and restored after; fixed-shape protocols keep it."""
+    for rel, (left, right, _) in MS_IMAGES.items():
+        red = np.full((4, 4), right, dtype=np.uint8)
+        red[:, :2] = left
+        _write_png(tmp_path / rel, red)
+    paths, labels, classes = scan_folder(tmp_path)
+    views = EvalViews(protocols=protocols, scales=(4, 8), resize=None, crop=None)
+    loader = DataLoader(ImageFiles(paths, labels, classes, views), batch_size=4, collate_fn=collate)
+    model = BenchmarkFlag(SizeLookup(MS_TABLE))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    evaluate(model, Normalize(Preprocessing()), loader, CPU, protocols, progress=False)
+    assert model.seen and set(model.seen) == {during}
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_multi_scale_evaluation_batches_are_bounded(tmp_path, checkpoint, repro_eval, monkeypatch):
+    """repro-eval with multi_scale reads at most MULTI_SCALE_BATCH images per batch, whatever data.batch_size:
+    every scale of an image is held whole, and the workers keep batches in flight."""
+    import repro.eval as re
+
+    sizes: list[int] = []
+
+    def loader(dataset, batch_size, **kwargs):
+        sizes.append(batch_size)
+        return DataLoader(dataset, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(re, "DataLoader", loader)
+    root = _folder(tmp_path / "val", good=MULTI_SCALE_BATCH + 3)
+    res = repro_eval(*_folder_args(root, checkpoint, "eval.protocols=[center,multi_scale]", "eval.scales=[32,40]",
+                                   "data.batch_size=64"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert sizes == [MULTI_SCALE_BATCH]
+    metrics = _metrics(tmp_path)
+    assert metrics["center"]["images"] == metrics["multi_scale"]["images"] == MULTI_SCALE_BATCH + 3
 
 
 # ---------------------------------------------------------------------------------- repro-eval helpers

@@ -17,6 +17,29 @@ from repro.distributed import Dist, all_reduce_sum, gather_objects
 AVERAGES = ("softmax", "logits")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # of evaluation: fp32 = full fp32 (TF32 off on CUDA)
 MAX_VIEWS = 256  # views per forward at most (10-crop x a batch of 256 would be 2,560)
+MULTI_SCALE_BATCH = 8  # images per evaluation batch with multi_scale (each image's scales go one forward each)
+
+
+def eval_batch_size(batch_size: int, protocols: Iterable[str]) -> int:
+    """Images per evaluation batch: `batch_size`, at most MULTI_SCALE_BATCH when multi_scale is evaluated.
+
+    A multi-scale image is every scale of it whole (up to 640 x 853, flipped: ~3.7 MB of uint8), and each worker
+    keeps batches in flight: 256 of them would hold GBs of host memory per rank for no speed (one forward per
+    scale and image whatever the batch).
+    """
+    return min(batch_size, MULTI_SCALE_BATCH) if "multi_scale" in protocols else batch_size
+
+
+@contextlib.contextmanager
+def fixed_shape_kernels(varying: bool) -> Iterator[None]:
+    """cuDNN's autotuner off while input shapes vary (multi-scale: a new benchmark for every image size)."""
+    saved = torch.backends.cudnn.benchmark
+    if varying:
+        torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 @contextlib.contextmanager
@@ -161,7 +184,7 @@ def evaluate(
     model.eval()
     normalize.eval()
     result = EvalResult({p: Tally() for p in protocols})
-    with torch.inference_mode():
+    with torch.inference_mode(), fixed_shape_kernels("multi_scale" in protocols):
         for batch in tqdm(loader, desc="eval", unit="batch", disable=not (progress and dist.is_main),
                           dynamic_ncols=True):
             # Images the pipeline could not use: stop with the worker's message, or skip and count them.

@@ -41,7 +41,7 @@ from repro.distributed import (
     quiet_hydra_on_other_ranks,
     select_device,
 )
-from repro.engine import AVERAGES, PRECISIONS, evaluate
+from repro.engine import AVERAGES, PRECISIONS, eval_batch_size, evaluate
 from repro.models import WEIGHT_FORMATS, WeightsError, create_model_from_config, load_weights
 from repro.models.weights import read_weights_file
 
@@ -207,7 +207,11 @@ def _eval(cfg: DictConfig) -> None:
     out = Path(broadcast_object(str(run_dir()), d))
     model.to(device).to(memory_format=torch.channels_last)  # as repro-train evaluates: the same kernels
     normalize = Normalize(pre).to(device)
-    loader = DataLoader(dataset, batch_size=data_cfg["batch_size"], num_workers=data_cfg["num_workers"],
+    batch_size = eval_batch_size(data_cfg["batch_size"], views.protocols)
+    if batch_size < data_cfg["batch_size"] and d.is_main:
+        log.info("multi_scale: %d images per evaluation batch (data.batch_size=%d), so host memory stays bounded",
+                 batch_size, data_cfg["batch_size"])
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=data_cfg["num_workers"],
                         sampler=ShardSampler(len(dataset), d.rank, d.world_size), collate_fn=collate,
                         pin_memory=device.type == "cuda")
     if d.is_main:

@@ -95,6 +95,7 @@ class DataConfig:
     num_workers: int = 8  # loader processes per GPU process
     on_error: str = "raise"  # raise | skip: what an unusable image does (skipped ones are counted)
     limit: Any = None  # use at most N images of each split (a seeded sample): quick runs and smoke tests
+    decode: str = "cpu"  # cpu | gpu: training JPEGs decoded by the loader workers, or in batches on the GPU (nvJPEG)
 
 
 @dataclass

@@ -215,14 +215,15 @@ def _same_number(a: Any, b: Any) -> bool:
 
 # Config keys that cannot change a run's result: where the data live and how fast they are read (data.batch_size
 # is the per-process evaluation batch; the global training batch is recipe.batch_size, however it is split over
-# processes and trainer.grad_accum), the device and its kernels, logging and checkpoint cadence, the run's name,
-# which split data.split names (read by repro-eval only), the model's class count (it follows the dataset), which
-# extra final protocols were measured (the table's own must be there) and the seed (ours is the mean over seeds).
+# processes and trainer.grad_accum), the device, its kernels and its JPEG decoder, logging and checkpoint cadence,
+# the run's name, which split data.split names (read by repro-eval only), the model's class count (it follows the
+# dataset), which extra final protocols were measured (the table's own must be there) and the seed (ours is the
+# mean over seeds).
 RESULT_NEUTRAL = frozenset({
     "name", "resume", "seed", "final_protocols", "model.num_classes", "data.root", "data.train_dir", "data.val_dir",
     "data.download", "data.num_workers", "data.batch_size", "data.split", "trainer.device", "trainer.progress",
     "trainer.log_every", "trainer.checkpoint_every", "trainer.compile", "trainer.channels_last",
-    "trainer.cudnn_benchmark", "trainer.grad_accum"})
+    "trainer.cudnn_benchmark", "trainer.grad_accum", "data.decode"})
 # Neutral too, unless the schedule follows the validation error (plateau): then which split is evaluated and how
 # often decides when the lr drops.
 VAL_KEYS = frozenset({"val_split", "trainer.eval_every"})

@@ -28,6 +28,7 @@ from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, git_commit, run_dir,
 from repro.config import register_configs
 from repro.data import DataError, EvalViews, Normalize, Preprocessing, ShardSampler, build_dataset, collate
 from repro.data.datasets import DATASET_SPLITS, IN_MEMORY, ImageTensors, Subset, shared_images
+from repro.data.device_decode import DECODES, DeviceDecode, EncodedFiles
 from repro.data.loaders import BatchPadCrop, EpochSampler, SeededSamples, TensorBatches, sample_seed
 from repro.data.transforms import PROTOCOLS, PadCrop, RandomResizedCrop, ScaleAugCrop, default_eval_size
 from repro.distributed import (
@@ -69,6 +70,7 @@ class TrainData:
     test: Any | None  # the split of the final evaluation (`test_split`), or None
     classes: list[str]
     eval_size: tuple[int | None, int | None]  # (resize, crop) of the test views
+    decoder: DeviceDecode | None = None  # data.decode=gpu: the loader leaves JPEG bytes, decoded on the device
 
 
 def _tensors(cfg: DictConfig, split: str) -> ImageTensors:
@@ -129,7 +131,7 @@ def build_data(cfg: DictConfig, resolution: int, batch: int, d: Dist, device: to
     small = cfg.data.name in IN_MEMORY
     resize, eval_crop = (None, None) if small else default_eval_size(resolution)
     views = EvalViews(["center"], resize=resize, crop=eval_crop)
-    mean_image = None
+    mean_image, decoder = None, None
     if small:
         train = _tensors(cfg, cfg.train_split)
         if aug.per_pixel_mean:  # ResNet §4.2: the training split's mean image, kept with the run
@@ -146,7 +148,10 @@ def build_data(cfg: DictConfig, resolution: int, batch: int, d: Dist, device: to
     else:
         if aug.per_pixel_mean:
             raise ValueError("recipe.augment.per_pixel_mean needs an in-memory dataset (CIFAR); use mean/std")
-        base = build_dataset(cfg.data, cfg.train_split, _file_transform(aug, crop))
+        transform = _file_transform(aug, crop)
+        base = build_dataset(cfg.data, cfg.train_split, transform)
+        if cfg.data.decode == "gpu":  # workers read bytes and draw each crop from the header; decoded on the GPU
+            base, decoder = EncodedFiles(base, transform), DeviceDecode(transform, device, cfg.data.on_error)
         sampler = EpochSampler(len(base), batch, cfg.seed, d.rank, d.world_size, multiple=cfg.trainer.grad_accum)
         workers = cfg.data.num_workers
         loader = DataLoader(SeededSamples(base, cfg.seed), batch_size=batch, sampler=sampler, collate_fn=collate,
@@ -156,7 +161,7 @@ def build_data(cfg: DictConfig, resolution: int, batch: int, d: Dist, device: to
     val = _eval_set(cfg, cfg.val_split, views, small)
     test = _test_set(cfg, views, in_memory=small)
     pre = Preprocessing(tuple(aug.mean), tuple(aug.std), mean_image)
-    return TrainData(loader, batch_aug, pre, val, test, classes, (resize, eval_crop))
+    return TrainData(loader, batch_aug, pre, val, test, classes, (resize, eval_crop), decoder)
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -356,9 +361,14 @@ def train_one_epoch(run: Run) -> None:
         items = batch["views"]
         if batch["failed"] and cfg.data.on_error == "raise":
             raise DataError(batch["failed"][0].message)
-        # Move the uint8 batch to the device; augment there when the loader left it to us.
-        x = items.to(dev, non_blocking=True)
-        y = batch["labels"].to(dev, non_blocking=True)
+        # Move the uint8 batch to the device (data.decode=gpu: decode and crop its JPEGs there); augment there
+        # when the loader left it to us.
+        if run.data.decoder is not None:
+            x, kept = run.data.decoder(items)
+            y = batch["labels"][kept].to(dev, non_blocking=True)
+        else:
+            x = items.to(dev, non_blocking=True)
+            y = batch["labels"].to(dev, non_blocking=True)
         if run.data.batch_aug is not None:
             x = run.data.batch_aug(x, sample_seed(rank_seed(cfg.seed, run.dist.rank), p.epoch, p.batch))
         # Normalize (and PCA-light) on the device, in channels_last (faster on CUDA and on CPU alike).
@@ -511,6 +521,7 @@ def check_config(cfg: DictConfig) -> None:
                "resume": (cfg.resume, ("never", "auto")), "data.on_error": (cfg.data.on_error, ("raise", "skip")),
                "recipe.length_unit": (cfg.recipe.length_unit, ("epochs", "steps")),
                "trainer.device": (cfg.trainer.device, ("auto", "cpu", "cuda")),
+               "data.decode": (cfg.data.decode, DECODES),
                "trainer.eval_precision": (cfg.trainer.get("eval_precision", "fp32"), PRECISIONS)}
     for key, (value, valid) in choices.items():
         if value not in valid:
@@ -533,6 +544,11 @@ def check_config(cfg: DictConfig) -> None:
         fail(f"final_protocols {bad} not valid; choose from {list(PROTOCOLS)}")
     if cfg.data.name in IN_MEMORY and set(cfg.final_protocols) - {"center"}:
         fail(f"data={cfg.data.name} is evaluated on the image itself: final_protocols=[center] only")
+    if cfg.data.decode == "gpu" and cfg.data.name not in ("imagenet", "folder"):
+        fail(f"data.decode=gpu decodes training image files (data=imagenet or data=folder) on the GPU; "
+             f"data={cfg.data.name} has none to decode there: use data.decode=cpu")
+    if cfg.data.decode == "gpu" and cfg.trainer.device == "cpu":
+        fail("data.decode=gpu needs a GPU (trainer.device=cuda or auto on a GPU machine); use data.decode=cpu")
     try:  # the model's arguments, checked without allocating its weights
         with torch.device("meta"):
             create_model_from_config(OmegaConf.to_container(cfg.model, resolve=True))

@@ -29,8 +29,10 @@ def collate(items: list[Any]) -> dict[str, Any]:
             per_image = [it[0][key] for it in good]
             views[key] = per_image if key == "multi_scale" else torch.stack(per_image)
         batch["views"] = views
-    else:
+    elif isinstance(good[0][0], torch.Tensor):
         batch["views"] = torch.stack([it[0] for it in good])
+    else:  # items finished on the device (data.decode=gpu: JPEG bytes and their drawn crops)
+        batch["views"] = [it[0] for it in good]
     return batch
 
 

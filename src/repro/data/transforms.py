@@ -155,16 +155,22 @@ class ScaleAugCrop:
     max_size: int = 480
     flip: bool = True
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
+    def window(self, h: int, w: int) -> Window:
+        """Draw the crop of an h x w image (Python's `random`, in the order __call__ always drew)."""
         scale = random.randint(self.min_size, self.max_size) / min(h, w)
         win = self.crop / scale  # the crop's side in original pixels
         top = random.uniform(0, h - win) if h > win else 0.0
         left = random.uniform(0, w - win) if w > win else 0.0
         side_h, side_w = min(win, h), min(win, w)
-        out = TF.resized_crop(img, int(top), int(left), max(1, round(side_h)), max(1, round(side_w)),
-                              [self.crop, self.crop], antialias=True)
-        return out.flip(-1) if self.flip and random.random() < 0.5 else out
+        flip = self.flip and random.random() < 0.5
+        return Window(int(top), int(left), max(1, round(side_h)), max(1, round(side_w)), flip)
+
+    def apply(self, img: torch.Tensor, win: Window) -> torch.Tensor:
+        """The drawn crop, resized to crop x crop (antialiased), mirrored if drawn so; on img's device."""
+        return win.resized_crop(img, self.crop)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return self.apply(img, self.window(*img.shape[-2:]))
 
 
 @dataclass
@@ -176,11 +182,33 @@ class RandomResizedCrop:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
+    def window(self, h: int, w: int) -> Window:
+        """Draw the crop of an h x w image (torchvision's sampling, then the flip)."""
         top, left, ch, cw = _rrc_params(h, w, self.scale, self.ratio)
-        out = TF.resized_crop(img, top, left, ch, cw, [self.crop, self.crop], antialias=True)
-        return out.flip(-1) if self.flip and random.random() < 0.5 else out
+        return Window(top, left, ch, cw, self.flip and random.random() < 0.5)
+
+    def apply(self, img: torch.Tensor, win: Window) -> torch.Tensor:
+        """The drawn crop, resized to crop x crop (antialiased), mirrored if drawn so; on img's device."""
+        return win.resized_crop(img, self.crop)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return self.apply(img, self.window(*img.shape[-2:]))
+
+
+@dataclass(frozen=True)
+class Window:
+    """One drawn training crop: a window of the image (pixels), and whether the result is mirrored."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+    def resized_crop(self, img: torch.Tensor, size: int) -> torch.Tensor:
+        """The window of `img` resized to size x size (antialiased), mirrored if drawn so."""
+        out = TF.resized_crop(img, self.top, self.left, self.height, self.width, [size, size], antialias=True)
+        return out.flip(-1) if self.flip else out
 
 
 def _rrc_params(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[int, ...]:
@@ -211,12 +239,19 @@ class PadCrop:
     pad: int = 4
     flip: bool = True
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        padded = torch.nn.functional.pad(img, (self.pad,) * 4)
+    def window(self, h: int, w: int) -> Window:
+        """Draw the crop's offsets in the padded image, then the flip."""
         top, left = random.randint(0, h + 2 * self.pad - self.crop), random.randint(0, w + 2 * self.pad - self.crop)
-        out = padded[..., top:top + self.crop, left:left + self.crop]
-        return out.flip(-1) if self.flip and random.random() < 0.5 else out
+        return Window(top, left, self.crop, self.crop, self.flip and random.random() < 0.5)
+
+    def apply(self, img: torch.Tensor, win: Window) -> torch.Tensor:
+        """The drawn crop of the zero-padded image, mirrored if drawn so."""
+        padded = torch.nn.functional.pad(img, (self.pad,) * 4)
+        out = padded[..., win.top:win.top + win.height, win.left:win.left + win.width]
+        return out.flip(-1) if win.flip else out
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return self.apply(img, self.window(*img.shape[-2:]))
 
 
 # ------------------------------------------------------------------------------------------ on the device

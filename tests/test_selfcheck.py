@@ -18,7 +18,7 @@ CPU_STATUSES = {
     "environment": "pass", "gpu": "skip", "precision_flags": "pass", "collectives_gloo": "pass",
     "collectives_nccl": "skip", "train_fp32": "pass", "train_bf16": "skip", "train_fp16": "skip",
     "train_bf16_compile": "skip", "eval_parity": "pass", "throughput": "pass", "device_batches": "skip",
-    "memory_train": "skip", "memory_ten_crop": "skip", "resume": "pass",
+    "device_decode": "skip", "memory_train": "skip", "memory_ten_crop": "skip", "resume": "pass",
 }
 SMALL = ["throughput_steps=2", "resume_steps=4"]  # the training check at its defaults: 30 steps, batch 32
 
@@ -120,3 +120,33 @@ def test_console_script_registered():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert 'repro-selfcheck = "repro.selfcheck:main"' in text
     assert subprocess.run(["repro-selfcheck", "--help"], capture_output=True, timeout=120).returncode == 0
+
+
+class CpuAsGpu(selfcheck.Context):
+    """A context whose CUDA-only checks run, on the CPU."""
+
+    @property
+    def cuda(self) -> bool:
+        """Claim a GPU."""
+        return True
+
+
+def test_gpu_data_checks_run_on_the_cpu_as_if_a_gpu(tmp_path, monkeypatch):
+    """device_batches and device_decode, whose real run needs a GPU, executed on the CPU in its place (CUDA's sync
+    debug mode faked): in-memory batches stay on the device; the device decoder matches the CPU decoder exactly."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from repro.cli import CONFIG_DIR
+    from repro.config import register_configs
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        ctx = CpuAsGpu(compose("selfcheck"), torch.device("cpu"), tmp_path)
+        batches = selfcheck.check_device_batches(ctx)
+        decode = selfcheck.check_device_decode(ctx)
+    assert (batches.status, modes) == ("pass", ["error", 0]), batches.detail
+    assert batches.detail.startswith("5 batches")
+    assert decode.status == "pass" and "pixels 0.00 apart on average (max 0)" in decode.detail, decode.detail

@@ -509,7 +509,7 @@ def check_throughput(ctx: Context) -> list[Check]:
               f"~{need} workers keep up ({os.cpu_count()} CPUs)")
     if cfg.data.name in ("digits", "cifar10", "cifar100"):
         detail += "; in-memory data, batches augmented on the device"
-    return [Check("throughput", "pass", detail), check_device_batches(ctx)]
+    return [Check("throughput", "pass", detail), check_device_batches(ctx), check_device_decode(ctx)]
 
 
 def check_device_batches(ctx: Context) -> Check:
@@ -527,7 +527,7 @@ def check_device_batches(ctx: Context) -> Check:
     it = iter(run.data.loader)
     first = next(it)  # the epoch's order is copied to the device here, once per epoch
     where = {first["views"].device.type, first["labels"].device.type, first["indices"].device.type}
-    torch.cuda.synchronize(ctx.device)
+    _sync(ctx.device)
     batches = min(5, len(run.data.loader) - 1)
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises from here on
     try:
@@ -539,10 +539,52 @@ def check_device_batches(ctx: Context) -> Check:
         return Check("device_batches", "fail", f"a host-device sync in the in-memory batch path: {e}")
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    if where != {"cuda"}:
+    if where != {ctx.device.type}:
         return Check("device_batches", "fail", f"in-memory batches come from {sorted(where)}, not the GPU")
     return Check("device_batches", "pass", f"{batches} batches indexed, cropped, flipped and normalized on the GPU "
                                            f"with no host-device sync")
+
+
+def check_device_decode(ctx: Context) -> Check:
+    """data.decode=gpu: nvJPEG batches against the CPU decoder on the same windows (pixels, img/s per process)."""
+    if not ctx.cuda:
+        return Check("device_decode", "skip", f"{NO_GPU}: data.decode=gpu not tried")
+    import numpy as np
+    from PIL import Image
+
+    from repro.data import collate
+    from repro.data.datasets import ImageFiles, scan_folder
+    from repro.data.device_decode import DeviceDecode, EncodedFiles
+    from repro.data.loaders import SeededSamples
+    from repro.data.transforms import ScaleAugCrop
+
+    folder = ctx.out / "jpegs" / "a"  # 64 photo-sized JPEGs of smooth noise
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        arr = np.clip(rng.normal(128, 60, (94, 125, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).resize((500, 375), Image.BILINEAR).save(folder / f"{i}.jpg", quality=90)
+    paths, labels, classes = scan_folder(folder.parent)
+    t = ScaleAugCrop(224)
+    cpu_set = SeededSamples(ImageFiles(paths, labels, classes, t), seed=0)
+    enc_set = SeededSamples(EncodedFiles(ImageFiles(paths, labels, classes), t), seed=0)
+    t0 = time.perf_counter()
+    want = collate([cpu_set[(0, i)] for i in range(len(paths))])["views"]
+    cpu_rate = len(paths) / (time.perf_counter() - t0)
+    items = collate([enc_set[(0, i)] for i in range(len(paths))])["views"]
+    decoder = DeviceDecode(t, ctx.device)
+    decoder(items)  # warm-up (nvJPEG handles, kernels)
+    _sync(ctx.device)
+    t0 = time.perf_counter()
+    got, _ = decoder(items)
+    _sync(ctx.device)
+    gpu_rate = len(paths) / (time.perf_counter() - t0)
+    diff = (got.cpu().float() - want.float()).abs()
+    ok = got.shape == want.shape and diff.mean().item() < 2.0
+    return Check("device_decode", "pass" if ok else "fail",
+                 f"nvJPEG + crop of {len(paths)} 500x375 JPEGs: {gpu_rate:.0f} img/s in the main process vs "
+                 f"{cpu_rate:.0f} img/s decoding on one CPU core; same windows, pixels {diff.mean().item():.2f} "
+                 f"apart on average (max {diff.max().item():.0f}) of 255")
 
 
 def check_memory(ctx: Context) -> list[Check]:

@@ -11,8 +11,9 @@ from typing import Any, NoReturn
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-# The Hydra config folder: the repository's top-level `configs/` (the package is installed with `pip install -e .`).
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+# The Hydra config folder ships inside the package (a wheel carries it); the checkout's top-level `configs/` is a
+# link to it, the place people edit.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 HYDRA_VERSION_BASE = "1.3"
 
 
@@ -28,8 +29,11 @@ def run_dir() -> Path:
 
 
 def git_commit() -> str | None:
-    """The commit of the repository this package runs from, with '-dirty' when it has local changes."""
+    """The commit of the checkout this package runs from, with '-dirty' when it has local changes; None when the
+    package is installed from a wheel (no checkout: a git repository around site-packages is someone else's)."""
     root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file() or Path(__file__).resolve().parent != root / "src" / "repro":
+        return None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()

@@ -9,7 +9,8 @@ process, merged into one report `{"machine": {...}, "results": [...]}`.
 Run it on an idle machine (nothing else using the cores): latency measured beside a training run is distorted.
 
     pip install -e '.[export]'
-    python scripts/bench_latency.py                       # ~10 minutes on 2 cores
+    python scripts/bench_latency.py                       # ~10 minutes on 2 cores; prints the README table
+    python scripts/bench_latency.py --table results/bench/latency.json   # the README table again, no measuring
     repro-tables out=results readme=README.md             # MobileNetV2 Table 4 latency columns + latency figure
 """
 
@@ -52,6 +53,41 @@ def bench_config(model: str, width: float, resolution: int, args: argparse.Names
         return compose("bench", overrides=overrides)
 
 
+def markdown_table(report: dict) -> str:
+    """The README's latency table: per model eager and ONNX Runtime latency (batch 1), ORT's speed-up, and ORT
+    latency and mult-adds as multiples of 1.0 MobileNetV1-224's (the papers' proxy against the measurement)."""
+    from repro.results import complexity
+
+    by_model: dict[str, dict] = {}
+    for rec in report["results"]:
+        if rec["batch_size"] != 1:
+            continue
+        key = json.dumps(rec["model_config"], sort_keys=True)
+        by_model.setdefault(key, {"cfg": rec["model_config"]})[rec["backend"]] = rec["latency_ms"]
+    rows = list(by_model.values())
+    base = next((r for r in rows if r["cfg"]["name"] == "mobilenet_v1" and r["cfg"]["width_mult"] == 1.0
+                 and r["cfg"]["resolution"] == 224), None)
+    base_macs = complexity(json.dumps(base["cfg"], sort_keys=True))[0] if base else None
+    m = report["machine"]
+    lines = [f"Measured on {m['cpu']} ({m['cpu_count']} cores), {m['threads']} thread, batch 1, median of timed "
+             f"calls; torch {m['versions']['torch']}, onnxruntime {m['versions']['onnxruntime']}.", "",
+             "| model | width | res | mult-adds (M) | eager (ms) | ONNX Runtime (ms) | ORT speed-up | "
+             "ORT ÷ V1 1.0-224 | mult-adds ÷ V1 1.0-224 |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "—" if v is None else format(v, spec)
+
+    for r in rows:
+        cfg, eager, ort = r["cfg"], r.get("eager"), r.get("onnxruntime")
+        macs = complexity(json.dumps(cfg, sort_keys=True))[0]
+        speedup = eager / ort if eager and ort else None
+        ratio = ort / base["onnxruntime"] if ort and base and base.get("onnxruntime") else None
+        lines.append(f"| {cfg['name']} | {cfg['width_mult']:g} | {cfg['resolution']} | {macs:.0f} | "
+                     f"{fmt(eager, '.1f')} | {fmt(ort, '.1f')} | {fmt(speedup, '.2f')} | {fmt(ratio, '.2f')} | "
+                     f"{fmt(macs / base_macs if base_macs else None, '.2f')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Benchmark the grid and write the merged report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -62,7 +98,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--v2-grid", action="store_true", help="also V2's 1.0/0.75/0.5/0.35 at 192, 160, 128, 96")
+    parser.add_argument("--table", metavar="REPORT", help="only print the README table of an existing report")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     register_configs()
     machine, results = None, []
@@ -76,6 +116,7 @@ def main() -> None:
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
     tmp.replace(out)
+    print(markdown_table({"machine": machine, "results": results}) + "\n")
     print(f"{len(results)} measurements written to {out}; now: repro-tables out=results readme=README.md")
 
 

@@ -176,3 +176,31 @@ def test_tables_cli_path_and_latency_figure(bench_file, tmp_path):
     assert points == {"MobileNetV1": [(3.0, 59.1), (12.0, 70.6)], "MobileNetV2": [(9.8, 72.0), (15.0, 74.7)]}
     x_madds = sorted(x for c in right.collections for x, _ in c.get_offsets().tolist())
     assert x_madds[0] == pytest.approx(76, abs=1) and x_madds[-1] == pytest.approx(582.2, abs=0.1)
+
+
+def test_grid_script_measures_every_table_row(tmp_path):
+    """scripts/bench_latency.py composes repro-bench configs whose records the tables find: every MobileNetV1 grid
+    row and Table 4's rows; its README table gives ORT's speed-up and the ratios to 1.0 MobileNetV1-224."""
+    import argparse
+    import runpy
+
+    from repro.results import Latency
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bench_latency.py"))
+    points = script["grid"]()
+    assert len(points) == 16 + 6 and len(set(points)) == len(points)
+    args = argparse.Namespace(backends=["eager", "onnxruntime"], threads=1, batch_sizes=[1], warmup=1, iters=1)
+    register_configs()
+    configs = [OmegaConf.to_container(script["bench_config"](*p, args).model, resolve=True) for p in points]
+    latency = Latency(tmp_path, {}, [record(cfg, float(i + 1)) for i, cfg in enumerate(configs)])
+    for table_id in ("mobilenet_grid", "mobilenetv2_table4"):
+        (result,) = build_tables([], [table_id], latency)
+        assert all(latency.of(r.config) is not None for r in result.rows), table_id
+    report = {"machine": {"cpu": "Test CPU", "cpu_count": 2, "threads": 1,
+                          "versions": {"torch": "2", "onnxruntime": "1"}},
+              "results": [record(configs[0], 12.0), record(configs[0], 30.0, backend="eager"),
+                          record(configs[16 + 2], 9.0), record(configs[16 + 2], 27.0, backend="eager")]}
+    table = script["markdown_table"](report).splitlines()
+    assert table[0].startswith("Measured on Test CPU (2 cores), 1 thread, batch 1")
+    assert table[4] == "| mobilenet_v1 | 1 | 224 | 569 | 30.0 | 12.0 | 2.50 | 1.00 | 1.00 |"
+    assert table[5] == "| mobilenet_v2 | 1 | 224 | 301 | 27.0 | 9.0 | 3.00 | 0.75 | 0.53 |"

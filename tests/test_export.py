@@ -154,3 +154,16 @@ def test_missing_extra_names_the_install_command(repro_export, tmp_path, monkeyp
     r = repro_export("model=resnet20", "export.out=m.onnx", "hydra.run.dir=run", cwd=tmp_path)
     assert r.returncode == 2
     assert "needs onnxruntime, which is not installed" in r.stderr and "pip install -e '.[export]'" in r.stderr
+
+
+def test_check_falls_back_to_random_inputs_without_shared_images(repro_export, tmp_path, monkeypatch):
+    """Where ../shared/data is absent the check runs on seeded random inputs and export.json says so."""
+    import repro.export
+
+    monkeypatch.setattr(repro.export, "CHECK_FOLDERS", {"imagenet": tmp_path / "none", "cifar": tmp_path / "none"})
+    r = repro_export("model=resnet20", f"export.out={tmp_path / 'r20.onnx'}", "export.check_count=5",
+                     "hydra.run.dir=run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    check = json.loads((tmp_path / "run" / "export.json").read_text())["check"]
+    assert check["source"] == "random" and check["images"] == 5 and check["passed"]
+    assert check["batch_sizes"] == [5] and "checking on 5 random inputs instead" in r.stderr

@@ -64,7 +64,7 @@ def test_json_schema_and_latency_grows_with_batch(repro_bench, tmp_path):
 
 def test_table_format_and_executorch(repro_bench, tmp_path):
     """format=table prints one row per backend and batch; ExecuTorch (XNNPACK) runs where it is installed."""
-    pytest.importorskip("executorch", reason="ExecuTorch is not installed (pip install executorch)")
+    pytest.importorskip("executorch", reason="ExecuTorch is not installed (pip install -e '.[executorch]')")
     r = repro_bench("model=resnet20", "bench.backends=[executorch]", "bench.batch_sizes=[1,2]", "bench.warmup=1",
                     "bench.iters=3", "hydra.run.dir=run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -84,6 +84,17 @@ def test_bad_options_are_refused(args, message, repro_bench, tmp_path):
     """Bad options stop the command before any work, naming the valid choices."""
     r = repro_bench("model=resnet20", *args, cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-1000:]
+
+
+@pytest.mark.parametrize("backend, module, install", [("executorch", "executorch", "pip install -e '.[executorch]'"),
+                                                      ("onnxruntime", "onnxruntime", "pip install -e '.[export]'")])
+def test_missing_backend_names_its_install(backend, module, install, repro_bench, tmp_path, monkeypatch):
+    """A backend whose package is absent stops the command, naming the command that installs it."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import <module>` raise ImportError
+    r = repro_bench("model=resnet20", f"bench.backends=[{backend}]", cwd=tmp_path)
+    assert r.returncode == 2 and f"bench.backends=[{backend}] needs" in r.stderr and install in r.stderr
 
 
 def test_statistics_by_hand():

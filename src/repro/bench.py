@@ -49,7 +49,7 @@ log = logging.getLogger("repro.bench")
 BACKENDS = ("eager", "compile", "onnxruntime", "executorch")
 DEVICES = ("cpu", "cuda")
 FORMATS = ("table", "json")
-EXECUTORCH_INSTALL = "pip install executorch"
+EXECUTORCH_INSTALL = "pip install -e '.[executorch]'"
 # A runner takes one input batch and returns a function that runs the model on it once (nothing timed outside it).
 Runner = Callable[[torch.Tensor], Callable[[], Any]]
 

@@ -265,9 +265,11 @@ def export_report(loaded: LoadedModel, path: Path, check: dict[str, Any], opset:
 
 
 def run_export(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Export, check, write export.json to `out_dir` and beside the file; raises ExportError if the check fails."""
+    """Refuse bad options, export, check, write export.json to `out_dir` (the run dir) and beside the file; raises
+    ExportError if the check fails."""
     path = check_out_path(cfg.export.out, cfg.export.format)
     require("onnx", "onnxscript", "onnxruntime")
+    save_run_info(cfg)
     loaded = load_model(cfg)
     log.info("exporting %s at %d x %d to %s", loaded.config["name"], loaded.config["resolution"],
              loaded.config["resolution"], path)
@@ -295,9 +297,6 @@ def _export(cfg: DictConfig) -> None:
     """Export the model, check it against PyTorch, print where it went and how well it matches."""
     out_dir = run_dir()
     try:
-        check_out_path(cfg.export.out, cfg.export.format)
-        require("onnx", "onnxscript", "onnxruntime")
-        save_run_info(cfg)
         report = run_export(cfg, out_dir)
     except ExportError as e:
         fail(str(e))

@@ -65,13 +65,13 @@ def test_json_schema_and_latency_grows_with_batch(repro_bench, tmp_path):
 def test_table_format_and_executorch(repro_bench, tmp_path):
     """format=table prints one row per backend and batch; ExecuTorch (XNNPACK) runs where it is installed."""
     pytest.importorskip("executorch", reason="ExecuTorch is not installed (pip install -e '.[executorch]')")
-    r = repro_bench("model=resnet20", "bench.backends=[executorch]", "bench.batch_sizes=[1,2]", "bench.warmup=1",
+    r = repro_bench("model=resnet20", "bench.backends=[executorch]", "bench.batch_sizes=[1]", "bench.warmup=1",
                     "bench.iters=3", "hydra.run.dir=run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert lines[0].startswith("resnet20 (") and "1 thread(s)" in lines[0]
     rows = [ln.split() for ln in lines if ln.startswith("executorch")]
-    assert [int(row[1]) for row in rows] == [1, 2] and all(float(row[2]) > 0 for row in rows)
+    assert [int(row[1]) for row in rows] == [1] and all(float(row[2]) > 0 for row in rows)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -92,7 +92,8 @@ def test_missing_backend_names_its_install(backend, module, install, repro_bench
     """A backend whose package is absent stops the command, naming the command that installs it."""
     import sys
 
-    monkeypatch.setitem(sys.modules, module, None)  # makes `import <module>` raise ImportError
+    for name in [module, *(m for m in sys.modules if m.startswith(module + "."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import <module>[.sub]` raise ImportError
     r = repro_bench("model=resnet20", f"bench.backends=[{backend}]", cwd=tmp_path)
     assert r.returncode == 2 and f"bench.backends=[{backend}] needs" in r.stderr and install in r.stderr
 

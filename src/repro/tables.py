@@ -34,6 +34,7 @@ log = logging.getLogger("repro.tables")
 
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 DEFAULT_RUNS = ("results/runs", "outputs", "multirun")  # committed run records, then local runs
+LATENCY_FIGURE = "mobilenet_latency.png"  # draws models measured by repro-bench, not runs
 COMPUTE_TABLES = {"mobilenet_table2": mobilenet_table2, "mobilenet_table3": mobilenet_table3}
 # Every table, paper by paper, in the papers' order (the result tables' data: repro.reference.RESULT_TABLES).
 TABLE_IDS = ("resnet_table2", "resnet_table3", "resnet_table4", "resnet_table6", "mobilenet_table2",
@@ -74,10 +75,17 @@ def generate(runs: list[str] | None, out: Path, ids: list[str] | None = None, fi
         from repro.figures import write_figures
 
         drawn = write_figures([p for p in pages if isinstance(p, TableResult)], found, out, fig7_images, latency)
-        extra = ["Figures (`figures/`): " + ", ".join(f"[{name}](figures/{name}) ({_runs(plot.runs)})"
+        extra = ["Figures (`figures/`): " + ", ".join(f"[{name}](figures/{name}) ({_drawn(name, plot.runs)})"
                                                       for name, plot in drawn.items()), ""]
     (out / "RESULTS.md").write_text(results_page(pages, extra))
     return pages
+
+
+def _drawn(figure: str, n: int) -> str:
+    """What a figure draws: runs, or for the latency figure the models measured."""
+    if figure == LATENCY_FIGURE:
+        return f"{n} models measured" if n else "no latency measured yet"
+    return _runs(n)
 
 
 def _runs(n: int) -> str:

@@ -216,3 +216,23 @@ def test_grid_script_measures_every_table_row(tmp_path):
     assert table[0].startswith("Measured on Test CPU (2 cores), 1 thread, batch 1")
     assert table[4] == "| mobilenet_v1 | 1 | 224 | 569 | 30.0 | 12.0 | 2.50 | 1.00 | 1.00 |"
     assert table[5] == "| mobilenet_v2 | 1 | 224 | 301 | 27.0 | 9.0 | 3.00 | 0.75 | 0.53 |"
+
+
+def test_executorch_computes_what_pytorch_computes(tmp_path):
+    """The XNNPACK-lowered program gives akamaster's ResNet-20 logits (within 1e-4) and top-1 classes."""
+    pytest.importorskip("executorch", reason="ExecuTorch is not installed (pip install -e '.[executorch]')")
+    import torch
+
+    from common import AKAMASTER_DIR
+    from repro.bench import executorch_runner
+    from repro.models import create_model, load_weights
+
+    weights = AKAMASTER_DIR / "resnet20-12fca82f.th"
+    if not weights.is_file():
+        pytest.skip(f"published weights absent: {weights}")
+    model = load_weights(create_model("resnet20", shortcut_pad="split"), weights, "akamaster").eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    got = executorch_runner(model, 1, tmp_path)(x)()[0]
+    with torch.no_grad():
+        ref = model(x)
+    assert ref.abs().max() > 1 and (got - ref).abs().max() <= 1e-4 and torch.equal(got.argmax(1), ref.argmax(1))

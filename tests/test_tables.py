@@ -429,7 +429,7 @@ def test_figures_without_runs_show_the_papers_points(tmp_path):
     grid = build_tables([], ["mobilenet_grid"])
     plots = write_figures(grid, [], tmp_path)
     assert set(plots) == {"resnet_fig4.png", "resnet_fig6.png", "resnet_fig7.png", "mobilenet_fig4.png",
-                          "mobilenet_fig5.png"}
+                          "mobilenet_fig5.png", "mobilenet_latency.png"}
     assert all(p.runs == 0 and (tmp_path / "figures" / name).is_file() for name, p in plots.items())
     f4 = plots["resnet_fig4.png"].figure.axes
     assert [lines_by_gid(ax) for ax in f4] == [{}, {}]

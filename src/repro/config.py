@@ -315,6 +315,7 @@ class TablesConfig:
     figures: bool = True  # also draw out/figures/*.png
     fig7_images: int = 1000  # images per checkpoint for ResNet Fig. 7's response stds
     readme: Any = None  # a README whose "Reproduction status" section (between its markers) is regenerated
+    bench: Any = "results/bench/latency.json"  # repro-bench JSON: MobileNetV2 Table 4's measured latency
 
 
 @dataclass
@@ -343,6 +344,50 @@ class SelfcheckConfig:
     resume_steps: int = 6  # steps of the resume check (stopped halfway)
 
 
+@dataclass
+class ExportOptions:
+    """`repro-export export.*`: the format, the output file and the self-check."""
+
+    format: str = "onnx"  # onnx
+    out: Any = None  # the file to write (e.g. mobilenet_v2.onnx); its folder must exist
+    opset: Any = None  # ONNX opset; null = the exporter's default
+    check_images: Any = "auto"  # folder of images for the self-check; auto = ../shared/data (ImageNet or CIFAR)
+    check_count: int = 32  # images of that folder (spread evenly over its sorted files); random inputs when absent
+    tolerance: float = 1e-4  # max |ONNX Runtime logits - PyTorch logits| accepted
+
+
+@dataclass
+class ExportConfig:
+    """`repro-export`: a zoo model (trained or random weights) to a deployable file, checked against PyTorch."""
+
+    model: Any = None  # null: taken from a repro checkpoint
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    export: ExportOptions = field(default_factory=ExportOptions)
+
+
+@dataclass
+class BenchOptions:
+    """`repro-bench bench.*`: what is timed and how."""
+
+    backends: list[str] = field(default_factory=lambda: ["eager", "onnxruntime"])  # + compile, executorch
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    threads: int = 1  # torch intra/inter-op threads and ONNX Runtime / ExecuTorch threads, set alike
+    device: str = "cpu"  # cpu | cuda
+    warmup: int = 10  # untimed calls first (oneDNN / ORT build their kernels on the first calls)
+    iters: int = 50  # timed calls; latency_ms is their median, latency_ms_p90 the 90th percentile
+    channels_last: bool = True  # eager and compile: NHWC memory format (as repro-eval; faster on the CPU)
+
+
+@dataclass
+class BenchConfig:
+    """`repro-bench`: latency and throughput of one model per backend and batch size."""
+
+    model: Any = None  # null: taken from a repro checkpoint
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    bench: BenchOptions = field(default_factory=BenchOptions)
+    format: str = "table"  # table | json
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
@@ -358,3 +403,5 @@ def register_configs() -> None:
     cs.store(name="tables_schema", node=TablesConfig)
     cs.store(name="analyze_schema", node=AnalyzeConfig)
     cs.store(name="selfcheck_schema", node=SelfcheckConfig)
+    cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="bench_schema", node=BenchConfig)

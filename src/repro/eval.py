@@ -8,6 +8,7 @@ import csv
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +64,14 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def resolve_inputs(cfg: DictConfig, stored: dict[str, Any]) -> tuple[dict, dict, Preprocessing]:
-    """The model config, data config and preprocessing: from the command line, else from the checkpoint."""
+def resolve_model(cfg: DictConfig, stored: Mapping[str, Any]) -> tuple[dict, Preprocessing]:
+    """The model config (the command line's, else the checkpoint's, with the format's overrides) and the
+    preprocessing the weights expect; shared by repro-eval, repro-export and repro-bench."""
     fmt = cfg.weights.format
     saved_cfg = stored.get("config", {}) if fmt == "repro" else {}
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.model is not None else saved_cfg.get("model")
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data is not None else saved_cfg.get("data")
     if model_cfg is None:
         fail("no model: give model=NAME (e.g. model=resnet50); only repro checkpoints carry their model config")
-    if data_cfg is None:
-        fail("no dataset: give data=imagenet|cifar10|cifar100|folder|synthetic with its data.root")
     for key, value in FORMAT_MODEL_OVERRIDES.get(fmt, {}).items():
         if key in model_cfg and model_cfg[key] != value:
             log.info("weights.format=%s: using model.%s=%s (the function these weights compute)", fmt, key, value)
@@ -84,6 +83,16 @@ def resolve_inputs(cfg: DictConfig, stored: dict[str, Any]) -> tuple[dict, dict,
         pre = Preprocessing.from_dict(stored["preprocessing"])
     else:
         pre = Preprocessing(**{k: tuple(v) for k, v in WEIGHT_FORMATS[fmt]["preprocessing"].items()})
+    return model_cfg, pre
+
+
+def resolve_inputs(cfg: DictConfig, stored: dict[str, Any]) -> tuple[dict, dict, Preprocessing]:
+    """The model config, data config and preprocessing: from the command line, else from the checkpoint."""
+    saved_cfg = stored.get("config", {}) if cfg.weights.format == "repro" else {}
+    model_cfg, pre = resolve_model(cfg, stored)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data is not None else saved_cfg.get("data")
+    if data_cfg is None:
+        fail("no dataset: give data=imagenet|cifar10|cifar100|folder|synthetic with its data.root")
     return model_cfg, data_cfg, pre
 
 

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from repro.reference import RESULT_TABLES, PaperRow, PaperTable
-from repro.results import RunRecord, TableResult, experiment_config, is_faithful
+from repro.results import (
+    LATENCY_COMMAND,
+    LATENCY_SETTING,
+    Latency,
+    RunRecord,
+    TableResult,
+    experiment_config,
+    is_faithful,
+)
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +318,73 @@ def mobilenet_fig(result: TableResult, path: Path, x: str) -> Plot:
     return _save(fig, path, len(ours))
 
 
+def _latency_points(result: TableResult, latency: Latency) -> list[tuple[float, float, float, str, str]]:
+    """(latency ms, top-1 acc, our mult-adds M, label, whose accuracy) of the rows measured by repro-bench; the
+    accuracy is ours where runs exist, else the paper's, else the second reference's (TF-slim)."""
+    points = []
+    for r in result.rows:
+        ms = latency.of(r.config, **LATENCY_SETTING)
+        acc, whose = ((statistics.fmean(r.ours["top1_acc"]), "ours") if r.ours.get("top1_acc") else
+                      (r.row.paper["top1_acc"], "paper") if "top1_acc" in r.row.paper else
+                      (r.row.ref["top1_acc"], "ref") if "top1_acc" in r.row.ref else (None, ""))
+        if ms is not None and acc is not None:
+            points.append((ms, acc, r.madds_m, r.row.label, whose))
+    return points
+
+
+def mobilenet_latency(results: list[TableResult], latency: Latency | None, path: Path) -> Plot:
+    """Beside MobileNet Fig. 4: top-1 accuracy against measured latency (left) and latency against mult-adds
+    (right, log-log) for the MobileNetV1 grid and the MobileNetV2 widths/resolutions (ONNX Runtime, 1 thread,
+    batch 1): where the papers' mult-adds proxy and measured latency disagree."""
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8))
+    drawn, measured = 0, []
+    styles = {"mobilenet_grid": ("MobileNetV1", "o", "tab:blue"),
+              "mobilenetv2_grid": ("MobileNetV2", "^", "tab:orange")}
+    for result in results:
+        if result.id not in styles or latency is None:
+            continue
+        name, marker, color = styles[result.id]
+        points = _latency_points(result, latency)
+        if not points:
+            continue
+        drawn += len(points)
+        measured += points
+        left.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, label=name, gid=name)
+        right.scatter([p[2] for p in points], [p[0] for p in points], marker=marker, color=color, label=name,
+                      gid=name)
+        for p in points:
+            left.annotate(p[3].replace(" MobileNet", "").replace("MobileNetV2 ", "V2 "), (p[0], p[1]), fontsize=5,
+                          xytext=(2, 2), textcoords="offset points")
+    if drawn:
+        m = latency.machine
+        setting = f"ONNX Runtime, 1 thread, batch 1, {m.get('cpu', '?')}"
+        left.set_xlabel(f"latency (ms; {setting})", fontsize=7)
+        left.set_ylabel("ImageNet top-1 accuracy (%): ours where trained, else paper / TF-slim", fontsize=7)
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+        right.set_xscale("log")
+        right.set_yscale("log")
+        right.set_xticks([10, 20, 50, 100, 200, 500])
+        right.set_yticks([1, 2, 5, 10, 20, 50, 100, 200])
+        for axis in (right.xaxis, right.yaxis):
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(NullFormatter())
+        right.set_xlim(min(p[2] for p in measured) / 1.3, max(p[2] for p in measured) * 1.3)
+        right.set_ylim(min(p[0] for p in measured) / 1.3, max(p[0] for p in measured) * 1.3)
+        right.set_xlabel("million mult-adds (our count, log scale)")
+        right.set_ylabel("latency (ms, log scale)")
+        left.legend(fontsize=8)
+        right.legend(fontsize=8)
+    else:
+        for ax in (left, right):
+            ax.text(0.5, 0.5, f"no latency measured yet: run {LATENCY_COMMAND}", transform=ax.transAxes,
+                    ha="center", va="center", color="gray", fontsize=8)
+    fig.suptitle("MobileNets: accuracy vs measured latency (left) and latency vs mult-adds (right), beside "
+                 "MobileNet Fig. 4", fontsize=9)
+    return _save(fig, path, drawn)
+
+
 def _save(fig: Any, path: Path, drawn: int) -> Plot:
     """Write the figure as PNG and close it (its Axes and data stay readable); returns the Plot."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,9 +394,10 @@ def _save(fig: Any, path: Path, drawn: int) -> Plot:
     return Plot(fig, drawn)
 
 
-def write_figures(results: list[TableResult], runs: list[RunRecord], out: Path, fig7_images: int = 1000
-                  ) -> dict[str, Plot]:
-    """Every figure under `out/figures/`: file name -> its Plot (runs drawn; models for Fig. 7)."""
+def write_figures(results: list[TableResult], runs: list[RunRecord], out: Path, fig7_images: int = 1000,
+                  latency: Latency | None = None) -> dict[str, Plot]:
+    """Every figure under `out/figures/`: file name -> its Plot (runs drawn; models for Fig. 7; measured models
+    for the latency figure)."""
     grid = next((r for r in results if r.id == "mobilenet_grid"), None)
     figs = out / "figures"
     drawn = {"resnet_fig4.png": resnet_fig4(runs, figs / "resnet_fig4.png"),
@@ -330,4 +406,5 @@ def write_figures(results: list[TableResult], runs: list[RunRecord], out: Path, 
     if grid is not None:
         drawn["mobilenet_fig4.png"] = mobilenet_fig(grid, figs / "mobilenet_fig4.png", "madds_m")
         drawn["mobilenet_fig5.png"] = mobilenet_fig(grid, figs / "mobilenet_fig5.png", "params_m")
+        drawn["mobilenet_latency.png"] = mobilenet_latency(results, latency, figs / "mobilenet_latency.png")
     return drawn

@@ -317,17 +317,23 @@ RESULT_TABLES: tuple[PaperTable, ...] = (
     PaperTable(
         "mobilenetv2_table4", "Performance on ImageNet (top-1 accuracy, %) for different networks.",
         f"{MOBILENETV2}, Table 4", "imagenet", "val", "center", ("top1_acc",),
-        (PaperRow("MobileNetV1", "mobilenet_v1", {}, 224, {"top1_acc": 70.6, "madds_m": 575, "params_m": 4.2},
+        (PaperRow("MobileNetV1", "mobilenet_v1", {}, 224,
+                  {"top1_acc": 70.6, "madds_m": 575, "params_m": 4.2, "latency_ms": 113},
                   select={"experiment": "mobilenet_table8", "row": "mobilenet_1.0_224"},
                   note="this table prints 575M mult-adds for the model MobileNet's own Table 8 gives 569M"),
-         PaperRow("MobileNetV2", "mobilenet_v2", {}, 224, {"top1_acc": 72.0, "madds_m": 300, "params_m": 3.4},
+         PaperRow("MobileNetV2", "mobilenet_v2", {}, 224,
+                  {"top1_acc": 72.0, "madds_m": 300, "params_m": 3.4, "latency_ms": 75},
                   select={"row": "mobilenetv2_1.0_224"}),
          PaperRow("MobileNetV2 (1.4)", "mobilenet_v2", {"width_mult": 1.4}, 224,
-                  {"top1_acc": 74.7, "madds_m": 585, "params_m": 6.9}, select={"row": "mobilenetv2_1.4_224"},
+                  {"top1_acc": 74.7, "madds_m": 585, "params_m": 6.9, "latency_ms": 143},
+                  select={"row": "mobilenetv2_1.4_224"},
                   note="TF-slim's release of this model counts 582M / 6.06M, as we do")),
         "mobilenetv2_table4",
         notes=("The paper also lists ShuffleNet (1.5) 71.5% / 292M / 3.4M, ShuffleNet (x2) 73.7% / 524M / 5.4M and "
-               "NasNet-A 74.0% / 564M / 5.3M (not in the zoo).",)),
+               "NasNet-A 74.0% / 564M / 5.3M / 183 ms (not in the zoo).",
+               "Latency: the paper's is TF-Lite on one large core of a Google Pixel 1 (batch 1); ours is ONNX Runtime, "
+               "1 thread, batch 1, on the CPU named below (repro-bench). Milliseconds on an x86 core and a Pixel 1 "
+               "are not comparable; the ratios to MobileNetV1 (÷ V1) are.")),
     PaperTable(
         "mobilenetv2_grid", "MobileNetV2 width multipliers x resolutions (ImageNet top-1 / top-5 accuracy, %).",
         f"{MOBILENETV2}, Table 4 and §6.1; second reference: {SLIM}", "imagenet", "val", "center",

@@ -475,6 +475,7 @@ class TableResult:
     table: PaperTable
     rows: list[RowResult]
     published: list[tuple[PaperRow, RunRecord]] = field(default_factory=list)
+    latency: Latency | None = None  # the repro-bench report the latency columns read (tables printing latency)
 
     @property
     def id(self) -> str:
@@ -503,14 +504,14 @@ def _pick_per_source(runs: list[RunRecord]) -> list[RunRecord]:
     return sorted(best.values(), key=lambda r: str(r.path))
 
 
-def build_table(table: PaperTable, runs: list[RunRecord]) -> TableResult:
+def build_table(table: PaperTable, runs: list[RunRecord], latency: Latency | None = None) -> TableResult:
     """Match runs to the table's rows and compute its columns.
 
     A finished run of a row's model on the table's dataset that measured the table's protocol on the whole split
     is ours when it is faithful to the row's experiment (`run_deviations` empty), else a deviating run of the
     closest row. Smoke tests (`data.limit`) and runs still training count nowhere.
     """
-    result = TableResult(table, [])
+    result = TableResult(table, [], latency=latency)
     faithful: dict[str, list[RunRecord]] = {row.label: [] for row in table.rows}
     deviating: dict[str, list[Deviation]] = {row.label: [] for row in table.rows}
     for run in runs:
@@ -538,10 +539,71 @@ def build_table(table: PaperTable, runs: list[RunRecord]) -> TableResult:
     return result
 
 
-def build_tables(runs: list[RunRecord], ids: Iterable[str] | None = None) -> list[TableResult]:
-    """Every result table (or those in `ids`) with the runs matched."""
+def build_tables(runs: list[RunRecord], ids: Iterable[str] | None = None,
+                 latency: Latency | None = None) -> list[TableResult]:
+    """Every result table (or those in `ids`) with the runs matched (and the measured latency, where printed)."""
     wanted = set(ids) if ids is not None else None
-    return [build_table(t, runs) for t in RESULT_TABLES if wanted is None or t.id in wanted]
+    return [build_table(t, runs, latency) for t in RESULT_TABLES if wanted is None or t.id in wanted]
+
+
+# ------------------------------------------------------------------------------------------------ latency
+# The setting the tables read from a repro-bench report: ONNX Runtime, one thread, one image (as a phone CPU core).
+LATENCY_SETTING = {"backend": "onnxruntime", "threads": 1, "batch_size": 1}
+LATENCY_COMMAND = "python scripts/bench_latency.py"  # writes results/bench/latency.json (run it on an idle machine)
+
+
+@dataclass
+class Latency:
+    """A repro-bench report (`{"machine", "results"}`) and the file it was read from."""
+
+    path: Path
+    machine: dict[str, Any]
+    results: list[dict[str, Any]]
+
+    def of(self, cfg: dict[str, Any], backend: str = "onnxruntime", threads: int = 1,
+           batch_size: int = 1) -> float | None:
+        """The median latency (ms) measured for model config `cfg` in this setting (the last record), or None."""
+        found = [r["latency_ms"] for r in self.results
+                 if r.get("backend") == backend and r.get("threads") == threads and r.get("batch_size") == batch_size
+                 and isinstance(r.get("model_config"), dict)
+                 and all(_same(r["model_config"].get(k), v) for k, v in cfg.items())]
+        return found[-1] if found else None
+
+
+def read_latency(path: str | Path | None) -> Latency | None:
+    """The repro-bench report at `path`; None when there is no such file (the latency columns then show —)."""
+    if path is None or not Path(path).is_file():
+        return None
+    data = _read_json(Path(path))
+    if data is None or not isinstance(data.get("results"), list):
+        raise RunsError(f"bench={path} is not a repro-bench report ({{\"machine\": ..., \"results\": [...]}}); "
+                        f"write it with `repro-bench format=json` or `{LATENCY_COMMAND}`, or pass bench=null")
+    return Latency(Path(path), data.get("machine") or {}, data["results"])
+
+
+def latency_records(result: TableResult) -> list[dict[str, Any]]:
+    """Per row: paper's and our latency (ms) and each divided by the table's first row's (MobileNetV1)."""
+    ours = [result.latency.of(r.config, **LATENCY_SETTING) if result.latency else None for r in result.rows]
+    paper = [r.row.paper.get("latency_ms") for r in result.rows]
+
+    def ratio(v: float | None, base: float | None) -> float | None:
+        return None if v is None or not base else v / base
+
+    return [{"paper_latency_ms": p, "ours_latency_ms": o, "paper_latency_ratio": ratio(p, paper[0]),
+             "ours_latency_ratio": ratio(o, ours[0])} for p, o in zip(paper, ours)]
+
+
+def latency_note(result: TableResult) -> str:
+    """Where our latency comes from (or how to measure it)."""
+    s = LATENCY_SETTING
+    if result.latency is None:
+        return (f"Our latency (ONNX Runtime, {s['threads']} thread, batch {s['batch_size']}): — until a repro-bench "
+                f"report exists; `{LATENCY_COMMAND}` writes results/bench/latency.json (on an idle machine).")
+    m = result.latency.machine
+    versions = m.get("versions") or {}
+    return (f"Our latency: ONNX Runtime {versions.get('onnxruntime', '?')}, {s['threads']} thread, batch "
+            f"{s['batch_size']}, median of timed calls, on {m.get('cpu', 'an unnamed CPU')} ({m.get('cpu_count', '?')} "
+            f"cores), from {result.latency.path}; ÷ V1 = latency / {result.rows[0].row.label}'s.")
 
 
 def option_keys(table: PaperTable) -> list[str]:
@@ -568,7 +630,8 @@ def table_records(result: TableResult) -> list[dict[str, Any]]:
     """The CSV rows: row, model, options, resolution, paper_/ours_/diff_ per metric, runs and their paths."""
     table = result.table
     records = []
-    for r in result.rows:
+    lat = latency_records(result) if _has(table, "paper", "latency_ms") else None
+    for i, r in enumerate(result.rows):
         rec: dict[str, Any] = {"row": r.row.label, "model": r.row.model}
         rec.update({k: r.config.get(k) for k in option_keys(table)})
         rec["resolution"] = r.config["resolution"]
@@ -584,6 +647,8 @@ def table_records(result: TableResult) -> list[dict[str, Any]]:
             rec.update({f"paper_{m}": paper, f"ours_{m}": ours, f"diff_{m}": None if paper is None else ours - paper})
             if _has(table, "ref", m):
                 rec[f"ref_{m}"] = r.row.ref.get(m)
+        if lat is not None:
+            rec.update(lat[i])
         rec["runs"] = len(r.runs)
         rec["run"] = ";".join(str(run.path) for run in r.runs)
         rec["deviating_runs"] = len(r.deviating)
@@ -670,7 +735,9 @@ def table_markdown(result: TableResult) -> str:
     head = ["model", *opts, "res"]
     for m in table.metrics:
         head += [f"{METRIC_NAMES[m]} paper", "ours", "Δ"] + (["ref"] if _has(table, "ref", m) else [])
-    head += ["mult-adds (M) paper", "ours", "params (M) paper", "ours", "runs"]
+    head += ["mult-adds (M) paper", "ours", "params (M) paper", "ours"]
+    latency = _has(table, "paper", "latency_ms")
+    head += (["latency (ms) paper", "ours", "÷ V1 paper", "ours"] if latency else []) + ["runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "--:" for i in range(len(head))) + "|"]
     for r, rec in zip(result.rows, table_records(result)):
         cells = [r.row.label, *(_fmt_option(rec[k]) for k in opts), str(rec["resolution"])]
@@ -682,7 +749,11 @@ def table_markdown(result: TableResult) -> str:
                 cells.append(_fmt(rec[f"ref_{m}"]))
         cells += [_fmt(rec["paper_madds_m"], 0) if rec["paper_madds_m"] is None or rec["paper_madds_m"] >= 100
                   else _fmt(rec["paper_madds_m"], 1), f"{r.madds_m:.1f}",
-                  _fmt(rec["paper_params_m"]), f"{r.params_m:.2f}", str(rec["runs"])]
+                  _fmt(rec["paper_params_m"]), f"{r.params_m:.2f}"]
+        if latency:
+            cells += [_fmt(rec["paper_latency_ms"], 0), _fmt(rec["ours_latency_ms"], 1),
+                      _fmt(rec["paper_latency_ratio"]), _fmt(rec["ours_latency_ratio"])]
+        cells.append(str(rec["runs"]))
         lines.append("| " + " | ".join(cells) + " |")
     out = [f"## `{table.id}`: {table.caption}", "", f"Source: {table.source}. Measured on {table.dataset} "
            f"{table.split}, {PROTOCOL_NAMES[table.protocol]} testing. Δ = ours − paper.", "", *lines, ""]
@@ -694,6 +765,8 @@ def table_markdown(result: TableResult) -> str:
     notes.append(f"Our mult-adds and parameters are counted from the models (parameters: {params}); "
                  f"ours ± is the standard deviation over runs (runs = how many).")
     notes += data_notes(result)
+    if latency:
+        notes.append(latency_note(result))
     for row, run in result.published:
         vals = ", ".join(f"{METRIC_NAMES[m]} {_fmt(run.value(table.protocol, m))}" for m in table.metrics)
         notes.append(f"Published weights ({run.weights_format}) evaluated as {row.label}: {vals} ({run.path}).")

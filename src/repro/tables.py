@@ -25,6 +25,7 @@ from repro.results import (
     discover_runs,
     mobilenet_table2,
     mobilenet_table3,
+    read_latency,
     results_page,
     status_lines,
 )
@@ -33,6 +34,7 @@ log = logging.getLogger("repro.tables")
 
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 DEFAULT_RUNS = ("results/runs", "outputs", "multirun")  # committed run records, then local runs
+LATENCY_FIGURE = "mobilenet_latency.png"  # draws models measured by repro-bench, not runs
 COMPUTE_TABLES = {"mobilenet_table2": mobilenet_table2, "mobilenet_table3": mobilenet_table3}
 # Every table, paper by paper, in the papers' order (the result tables' data: repro.reference.RESULT_TABLES).
 TABLE_IDS = ("resnet_table2", "resnet_table3", "resnet_table4", "resnet_table6", "mobilenet_table2",
@@ -50,15 +52,18 @@ def _as_list(value: Any) -> list[str] | None:
 
 
 def generate(runs: list[str] | None, out: Path, ids: list[str] | None = None, figures: bool = True,
-             fig7_images: int = 1000) -> list[TableResult | ComputeTable]:
-    """Find runs, build the tables (all, or `ids`), write them, RESULTS.md and the figures to `out`."""
+             fig7_images: int = 1000, bench: str | Path | None = None) -> list[TableResult | ComputeTable]:
+    """Find runs, build the tables (all, or `ids`), write them, RESULTS.md and the figures to `out`; the latency
+    columns read the repro-bench report `bench` (where it exists)."""
     unknown = sorted(set(ids or []) - set(TABLE_IDS))
     if unknown:
         raise ValueError(f"unknown table id(s) {unknown}; choose from: {', '.join(TABLE_IDS)}")
     found = discover_runs(runs, strict=True) if runs is not None else discover_runs(
         [d for d in DEFAULT_RUNS if Path(d).is_dir()], strict=False)
     log.info("%d run dir(s) found (%d finished)", len(found), sum(r.metrics is not None for r in found))
-    by_id: dict[str, TableResult | ComputeTable] = {r.id: r for r in build_tables(found, ids)}
+    latency = read_latency(bench)
+    log.info("latency: %s", f"{len(latency.results)} measurement(s) from {bench}" if latency else f"none ({bench})")
+    by_id: dict[str, TableResult | ComputeTable] = {r.id: r for r in build_tables(found, ids, latency)}
     by_id.update({i: make() for i, make in COMPUTE_TABLES.items() if ids is None or i in ids})
     pages = [by_id[i] for i in TABLE_IDS if i in by_id]
     out.mkdir(parents=True, exist_ok=True)
@@ -69,11 +74,18 @@ def generate(runs: list[str] | None, out: Path, ids: list[str] | None = None, fi
     if figures:
         from repro.figures import write_figures
 
-        drawn = write_figures([p for p in pages if isinstance(p, TableResult)], found, out, fig7_images)
-        extra = ["Figures (`figures/`): " + ", ".join(f"[{name}](figures/{name}) ({_runs(plot.runs)})"
+        drawn = write_figures([p for p in pages if isinstance(p, TableResult)], found, out, fig7_images, latency)
+        extra = ["Figures (`figures/`): " + ", ".join(f"[{name}](figures/{name}) ({_drawn(name, plot.runs)})"
                                                       for name, plot in drawn.items()), ""]
     (out / "RESULTS.md").write_text(results_page(pages, extra))
     return pages
+
+
+def _drawn(figure: str, n: int) -> str:
+    """What a figure draws: runs, or for the latency figure the models measured."""
+    if figure == LATENCY_FIGURE:
+        return f"{n} models measured" if n else "no latency measured yet"
+    return _runs(n)
 
 
 def _runs(n: int) -> str:
@@ -110,7 +122,7 @@ def _tables(cfg: DictConfig) -> None:
         fail(f"fig7_images={cfg.fig7_images} is not valid; give a positive number of images")
     save_run_info(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
     try:
-        pages = generate(_as_list(cfg.runs), out, _as_list(cfg.tables), cfg.figures, cfg.fig7_images)
+        pages = generate(_as_list(cfg.runs), out, _as_list(cfg.tables), cfg.figures, cfg.fig7_images, cfg.bench)
         if cfg.readme is not None:
             update_readme(Path(cfg.readme), readme_section(pages, out, Path(cfg.readme)))
     except (RunsError, ValueError) as e:

@@ -705,3 +705,36 @@ def test_torchrun_two_processes_equal_one(tmp_path, checkpoint, repro_eval):
         for i in range(1, 6):
             if s[f"prob{i}"]:
                 assert float(m[f"prob{i}"]) == pytest.approx(float(s[f"prob{i}"]), abs=2e-6)
+
+
+def test_checkpoint_data_keys_can_be_changed(tmp_path, repro_eval):
+    """A checkpoint's own dataset (no data= given) still takes data.batch_size=, data.num_workers=, data.val_dir=
+    ... from the command line: each replaces the stored key, the others stay the checkpoint's."""
+    first, other = _folder(tmp_path / "first", good=5), _folder(tmp_path / "other", good=3)
+    torch.manual_seed(0)
+    path = tmp_path / "with-data.pt"
+    torch.save({"model": create_model("resnet20", num_classes=2).state_dict(),
+                "preprocessing": {"mean": [0.5] * 3, "std": [0.25] * 3, "mean_image": None},
+                "config": {"model": {"name": "resnet20", "resolution": 32, "num_classes": 2},
+                           "data": {"name": "folder", "root": None, "train_dir": None, "val_dir": str(first),
+                                    "split": "val", "num_classes": None, "batch_size": 256, "num_workers": 8,
+                                    "on_error": "raise", "limit": None}}}, path)
+    res = repro_eval(f"weights.path={path}", "data.batch_size=2", "data.num_workers=0", "eval.progress=false",
+                     cwd=tmp_path / "a")
+    assert res.returncode == 0, res.stderr
+    metrics = _metrics(tmp_path / "a")
+    assert metrics["center"]["images"] == 5
+    data = metrics["config"]["data"]
+    assert (data["name"], data["val_dir"], data["batch_size"], data["num_workers"]) == ("folder", str(first), 2, 0)
+    res = repro_eval(f"weights.path={path}", f"data.val_dir={other}", "data.num_workers=0", "eval.progress=false",
+                     cwd=tmp_path / "b")
+    assert res.returncode == 0, res.stderr
+    assert _metrics(tmp_path / "b")["center"]["images"] == 3
+
+
+def test_checkpoint_data_is_repro_evals_only(tmp_path, in_process):
+    """repro-train data=checkpoint is refused, naming the datasets it takes."""
+    from repro.train import main as train_main
+
+    res = in_process(train_main, "repro-train", "data=checkpoint", cwd=tmp_path)
+    assert res.returncode == 2 and "data=checkpoint is repro-eval's" in res.stderr and "cifar10" in res.stderr

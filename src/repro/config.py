@@ -142,7 +142,24 @@ class DigitsDataConfig(DataConfig):
     num_workers: int = 0
 
 
+@dataclass
+class CheckpointDataConfig:
+    """repro-eval's default `data`: the checkpoint's own data config, each key given here (not null) replacing it."""
+
+    name: str = "checkpoint"
+    root: Any = None
+    train_dir: Any = None
+    val_dir: Any = None
+    split: Any = None
+    batch_size: Any = None
+    num_workers: Any = None
+    on_error: Any = None
+    limit: Any = None
+    download: Any = None
+
+
 DATA_SCHEMAS = {
+    "base_checkpoint": CheckpointDataConfig,
     "base_folder": FolderDataConfig,
     "base_cifar": CifarDataConfig,
     "base_synthetic": SyntheticDataConfig,
@@ -292,7 +309,7 @@ class EvalConfig:
     """`repro-eval`: a checkpoint under the papers' test protocols."""
 
     model: Any = None  # null: taken from a repro checkpoint
-    data: Any = None  # null: taken from a repro checkpoint
+    data: Any = None  # data=checkpoint (the default): the checkpoint's own, keys given on the command line replacing
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     eval: EvalOptions = field(default_factory=EvalOptions)
 

@@ -90,10 +90,14 @@ def resolve_inputs(cfg: DictConfig, stored: dict[str, Any]) -> tuple[dict, dict,
     """The model config, data config and preprocessing: from the command line, else from the checkpoint."""
     saved_cfg = stored.get("config", {}) if cfg.weights.format == "repro" else {}
     model_cfg, pre = resolve_model(cfg, stored)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data is not None else saved_cfg.get("data")
-    if data_cfg is None:
+    given = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data is not None else {"name": "checkpoint"}
+    if given["name"] != "checkpoint":
+        return model_cfg, given, pre
+    if saved_cfg.get("data") is None:
         fail("no dataset: give data=imagenet|cifar10|cifar100|folder|synthetic with its data.root")
-    return model_cfg, data_cfg, pre
+    # The checkpoint's data config, with the keys given on the command line (data.split=val, data.batch_size=...).
+    changed = {k: v for k, v in given.items() if k != "name" and v is not None}
+    return model_cfg, {**saved_cfg["data"], **changed}, pre
 
 
 def eval_views(cfg: DictConfig, model_cfg: dict, data_cfg: dict) -> EvalViews:
@@ -180,7 +184,7 @@ def check_options(cfg: DictConfig) -> None:
         fail(f"eval.precision={cfg.eval.precision!r} is not valid; choose one of {list(PRECISIONS)}")
     if cfg.eval.bn_recalibrate < 0:
         fail(f"eval.bn_recalibrate={cfg.eval.bn_recalibrate} is not valid; give a number of images (0 = off)")
-    if cfg.data is not None and cfg.data.on_error not in ON_ERROR:
+    if cfg.data is not None and cfg.data.on_error is not None and cfg.data.on_error not in ON_ERROR:
         fail(f"data.on_error={cfg.data.on_error!r} is not valid; choose one of {list(ON_ERROR)}")
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, git_commit, run_dir, save_run_info
 from repro.config import register_configs
 from repro.data import DataError, EvalViews, Normalize, Preprocessing, ShardSampler, build_dataset, collate
-from repro.data.datasets import DATASET_SPLITS, IN_MEMORY, ImageTensors, Subset, shared_images
+from repro.data.datasets import DATASET_SPLITS, DATASETS, IN_MEMORY, ImageTensors, Subset, shared_images
 from repro.data.device_decode import DECODES, DeviceDecode, EncodedFiles
 from repro.data.loaders import BatchPadCrop, EpochSampler, SeededSamples, TensorBatches, sample_seed
 from repro.data.transforms import PROTOCOLS, PadCrop, RandomResizedCrop, ScaleAugCrop, default_eval_size
@@ -517,6 +517,9 @@ def after_epoch(run: Run) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Refuse bad option values before any work starts."""
+    if cfg.data.name == "checkpoint":
+        fail(f"data=checkpoint is repro-eval's (a checkpoint's own dataset); repro-train needs one of "
+             f"{list(DATASETS)}, e.g. data=cifar10 data.root=DIR")
     choices = {"recipe.augment.train": (cfg.recipe.augment.train, AUGMENTS), "trainer.amp": (cfg.trainer.amp, AMP),
                "resume": (cfg.resume, ("never", "auto")), "data.on_error": (cfg.data.on_error, ("raise", "skip")),
                "recipe.length_unit": (cfg.recipe.length_unit, ("epochs", "steps")),

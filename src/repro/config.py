@@ -95,6 +95,7 @@ class DataConfig:
     num_workers: int = 8  # loader processes per GPU process
     on_error: str = "raise"  # raise | skip: what an unusable image does (skipped ones are counted)
     limit: Any = None  # use at most N images of each split (a seeded sample): quick runs and smoke tests
+    max_pixels: Any = 100_000_000  # larger images (width x height, read from the header) are refused; null = no limit
 
 
 @dataclass
@@ -236,6 +237,7 @@ class TrainerConfig:
     checkpoint_every_s: Any = 1800  # ... and every N seconds (checked at log steps under torchrun); null = off
     eval_precision: str = "fp32"  # evaluation (per epoch and final): fp32 (TF32 off) | tf32 | bf16 | fp16
     log_every: int = 20  # TensorBoard train scalars every N steps
+    dist_timeout_s: float = 1800  # torchrun: a collective waiting longer on a stopped or hung rank stops the run
     progress: bool = True  # progress bars with throughput
 
 

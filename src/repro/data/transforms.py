@@ -210,9 +210,13 @@ class PadCrop:
     crop: int = 32
     pad: int = 4
     flip: bool = True
+    takes_path: ClassVar[bool] = True  # error messages name the file
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+    def __call__(self, img: torch.Tensor, path: str = "<image>") -> torch.Tensor:
         h, w = img.shape[-2:]
+        if min(h, w) + 2 * self.pad < self.crop:
+            raise ImageError(path, f"the image is {w}x{h}, smaller than the {self.crop}x{self.crop} training crop even "
+                                   f"with {self.pad} pixels of padding on each side")
         padded = torch.nn.functional.pad(img, (self.pad,) * 4)
         top, left = random.randint(0, h + 2 * self.pad - self.crop), random.randint(0, w + 2 * self.pad - self.crop)
         out = padded[..., top:top + self.crop, left:left + self.crop]

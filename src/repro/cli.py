@@ -24,7 +24,7 @@ HYDRA_VERSION_BASE = "1.3"
 # What makes a run dir hold a run: another run is never written into it (only continued, with resume=auto).
 RUN_MARKERS = ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.json", "metrics.jsonl")
 LOCK_FILE = ".lock"  # flock()ed by the process writing the run dir (released when it ends, however it ends)
-_locks: dict[str, int] = {}  # run dir (real path) -> the open lock file this process holds
+_locks: dict[str, tuple[int, Path]] = {}  # run dir (real path) -> (open lock file, its path) this process holds
 
 
 def fail(message: str) -> NoReturn:
@@ -93,38 +93,56 @@ def writable_problem(out: Path) -> str | None:
 def lock_run_dir(out: Path) -> str | None:
     """Hold an exclusive lock on the run dir for this process's lifetime; why not, when another process holds it.
 
-    flock() on `out/.lock`: the kernel releases it when the holder ends, even by SIGKILL, so a lock is never stale.
+    flock() on `out/.lock`: the kernel releases it when the holder ends, even by SIGKILL, so a lock is never stale
+    (the file a killed holder leaves is simply locked again). The file is removed when the lock is released.
     """
     key = os.path.realpath(out)
     if key in _locks:
         return None
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        return (f"{out} is in use by another process (pid {owner}, which holds {out / LOCK_FILE}); two runs "
-                f"would overwrite each other's checkpoints. Wait for it to end, or start a new run with another "
-                f"name=")
+    path = out / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            return (f"{out} is in use by another process (pid {owner}, which holds {path}); two runs would "
+                    f"overwrite each other's checkpoints. Wait for it to end, or start a new run with another name=")
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder released (and removed) the file between our open and flock: try again
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _locks[key] = fd
+    _locks[key] = (fd, path)
     return None
 
 
 def unlock_run_dir(out: Path) -> None:
-    """Release the run dir's lock if this process holds it (the lock file stays, unlocked)."""
-    fd = _locks.pop(os.path.realpath(out), None)
-    if fd is not None:
-        os.close(fd)  # closing the only descriptor releases the flock
+    """Release the run dir's lock if this process holds it, removing the lock file."""
+    held = _locks.pop(os.path.realpath(out), None)
+    if held is not None:
+        _release(*held)
+
+
+def _release(fd: int, path: Path) -> None:
+    """Remove the lock file, then close it (closing the only descriptor releases the flock)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
 
 
 @atexit.register
 def unlock_all() -> None:
     """Release every run-dir lock this process holds (at exit, or when a command returns in-process)."""
     for key in list(_locks):
-        os.close(_locks.pop(key))
+        _release(*_locks.pop(key))
 
 
 def check_model_name(model: Any) -> None:
@@ -191,7 +209,7 @@ def check_data_keys(config_name: str, argv: list[str], owners: dict[str, tuple[s
     except Exception as e:  # Hydra's composition error; only the keys named here are explained
         for arg in given:
             key = arg.split("=", 1)[0]
-            if f"'{key[len('data.'):]}'" in str(e):
+            if f"'{key}'" in str(e) or f"'{key[len('data.'):]}'" in str(e):
                 data = [a.split("=", 1)[1] for a in argv if a.startswith("data=")]
                 fail(f"{key} is a key of {' and '.join(f'data={o}' for o in owners[key[5:]])}, not of "
                      f"data={data[-1] if data else 'digits (the default)'}; add data={owners[key[5:]][0]} (with "

@@ -98,10 +98,13 @@ def init_distributed(device: torch.device, timeout_s: float | None = None) -> Di
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
 
 
-def is_timeout(e: BaseException) -> bool:
-    """Whether a collective failed because another rank did not answer in time (gloo, NCCL, the store)."""
+PEER_LOST = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "connection refused")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether a collective failed because another rank did not answer in time or went away (gloo, NCCL, store)."""
     text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("timed out" in text or "timeout" in text)
+    return isinstance(e, RuntimeError) and any(s in text for s in PEER_LOST)
 
 
 def silent_ranks(d: Dist, wait_s: float) -> list[int] | None:

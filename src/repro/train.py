@@ -54,7 +54,7 @@ from repro.distributed import (
     export_slurm_env,
     gather_objects,
     init_distributed,
-    is_timeout,
+    peer_lost,
     quiet_hydra_on_other_ranks,
     select_device,
     silent_ranks,
@@ -903,7 +903,7 @@ def _train(cfg: DictConfig) -> None:
     except OSError as e:  # metrics.json / metrics.jsonl / TensorBoard: disk full, read-only
         fail(f"cannot write {e.filename or run.out} ({e.strerror or e}); {kept_checkpoint(run)}")
     except RuntimeError as e:
-        if not (d.enabled and is_timeout(e)):
+        if not (d.enabled and peer_lost(e)):
             raise
         fail(timeout_message(run, e))
     finally:
@@ -916,12 +916,11 @@ def timeout_message(run: Run, e: BaseException) -> str:
     """What a rank says when a collective waited trainer.dist_timeout_s for the others in vain."""
     d, timeout = run.dist, float(run.cfg.trainer.dist_timeout_s)
     silent = silent_ranks(d, min(5.0, timeout))
-    who = (f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} did not answer" if silent
-           else "another rank did not answer")
-    return (f"rank {d.rank}: a collective waited trainer.dist_timeout_s={timeout:g} s and {who} (stopped, hung or "
-            f"dead: SIGSTOP, a wedged GPU, a lost node) [{str(e).splitlines()[0][:160]}]; stopping. "
-            f"{kept_checkpoint(run)}; continue with {run.resume_hint} once every rank runs, or raise "
-            f"trainer.dist_timeout_s if a step can take that long")
+    who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}" if silent else "another rank"
+    return (f"rank {d.rank}: a collective got no answer from {who} within trainer.dist_timeout_s={timeout:g} s, or "
+            f"lost it (a rank stopped, hung or died: SIGSTOP, a wedged GPU, a lost node) "
+            f"[{str(e).strip().splitlines()[0][:160]}]; stopping. {kept_checkpoint(run)}; continue with "
+            f"{run.resume_hint} once every rank runs, or raise trainer.dist_timeout_s if a step can take that long")
 
 
 DATA_KEYS = {"train_dir": ("folder", "imagenet"), "val_dir": ("folder", "imagenet")}  # keys of some datasets only

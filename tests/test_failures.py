@@ -136,6 +136,7 @@ def test_metrics_jsonl_alone_marks_a_run(in_process, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ 2. one writer per run dir
+@pytest.mark.slow
 def test_second_process_on_a_busy_run_dir_is_refused(in_process, tmp_path):
     """A training run holds its run dir's lock: resume=auto from a second process is refused, naming the owner's pid,
     and leaves the dir alone; once the owner is SIGKILLed the lock is free again (never stale)."""
@@ -459,6 +460,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_stopped_rank_ends_the_others_with_a_message(tmp_path):
     """Two gloo ranks, trainer.dist_timeout_s=4: rank 1 SIGSTOPped after the first checkpoint. Rank 0 stops within
     seconds naming rank 1 and the timeout; rank 1, continued, stops too; both name the same way to continue (the
@@ -494,6 +496,7 @@ def test_stopped_rank_ends_the_others_with_a_message(tmp_path):
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["step"] >= 2
 
 
+@pytest.mark.slow
 def test_signal_stop_names_the_run_dir_given(tmp_path):
     """After SIGTERM the way to continue is `resume=auto hydra.run.dir=DIR` when hydra.run.dir chose the run dir
     (name= would start a new run elsewhere)."""

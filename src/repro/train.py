@@ -519,8 +519,8 @@ def train_one_epoch(run: Run) -> None:
             break
     bar.close()
     if len(p.skipped) > skipped_before:
-        log.warning("epoch %d: skipped %d unusable training images (data.on_error=skip; %d distinct so far, "
-                    "\"train_skipped\" in metrics.json)", p.epoch, len(p.skipped) - skipped_before, len(p.skipped))
+        log.warning("epoch %d: unusable training images skipped (data.on_error=skip): %d distinct so far, counted as "
+                    "\"train_skipped\" in metrics.json", p.epoch, len(p.skipped))
     agree_to_stop(run)  # a signal that came late in the epoch: every rank decides alike before evaluating
     if p.batch >= run.data.loader.sampler.batches:  # the epoch is complete
         p.epoch, p.batch = p.epoch + 1, 0

@@ -17,7 +17,7 @@ from PIL import Image
 from common import IMAGENET_SAMPLE
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
-from repro.data import DataError, collate
+from repro.data import collate
 from repro.data.datasets import ImageFiles, scan_folder
 from repro.data.device_decode import DeviceDecode, EncodedFiles, jpeg_size
 from repro.data.loaders import SeededSamples
@@ -84,9 +84,10 @@ def test_device_decode_gives_the_cpu_paths_batch_on_real_jpegs(name):
     want = collate([cpu[(1, i)] for i in range(n)])
     got = collate([enc[(1, i)] for i in range(n)])
     assert all(item.data is not None and item.image is None for item in got["views"])  # all decoded on the device
-    x, kept = DeviceDecode(t, CPU)(got["views"])
-    assert kept.tolist() == list(range(n))
-    assert torch.equal(got["labels"], want["labels"])
+    done = DeviceDecode(t, CPU)(got)
+    x = done["views"]
+    assert done["indices"].tolist() == list(range(n)) and not done["failed"]
+    assert torch.equal(done["labels"], want["labels"])
     assert x.shape == want["views"].shape and x.dtype == torch.uint8
     assert torch.equal(x, want["views"])
 
@@ -103,16 +104,16 @@ def test_png_cmyk_and_gray_files(tmp_path):
     t = TRANSFORMS["scale_aug"]
     cpu = SeededSamples(ImageFiles(paths, labels, classes, t), seed=0)
     enc = SeededSamples(EncodedFiles(ImageFiles(paths, labels, classes), t), seed=0)
-    items = collate([enc[(0, i)] for i in range(len(paths))])["views"]
-    in_worker = {Path(it.path).name for it in items if it.image is not None}
+    batch = collate([enc[(0, i)] for i in range(len(paths))])
+    in_worker = {Path(it.path).name for it in batch["views"] if it.image is not None}
     assert in_worker == {"cmyk.jpg", "pic.png"}
-    x, _ = DeviceDecode(t, CPU)(items)
+    x = DeviceDecode(t, CPU)(batch)["views"]
     assert torch.equal(x, collate([cpu[(0, i)] for i in range(len(paths))])["views"])
 
 
-def test_damaged_jpeg_raises_or_is_skipped(tmp_path):
-    """A JPEG with a good header and a cut body: the device decoder refuses it, the CPU decoder names it; with
-    data.on_error=raise a DataError naming the file, with skip the batch goes on without it (and counts it)."""
+def test_damaged_jpeg_becomes_a_failed_record(tmp_path):
+    """A JPEG with a good header and a cut body: the device decoder refuses it, the CPU decoder names why, and the
+    batch goes on without it, the file a Failed record (which data.on_error then raises or counts as skipped)."""
     good, bad = _image(60, 45, "JPEG"), _image(256, 256, "JPEG", seed=5)
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "good.jpg").write_bytes(good)
@@ -120,15 +121,14 @@ def test_damaged_jpeg_raises_or_is_skipped(tmp_path):
     paths, labels, classes = scan_folder(tmp_path)
     t = TRANSFORMS["inception"]
     enc = SeededSamples(EncodedFiles(ImageFiles(paths, labels, classes), t), seed=0)
-    items = collate([enc[(0, i)] for i in range(2)])["views"]
-    cut = [k for k, it in enumerate(items) if it.path.endswith("cut.jpg")][0]
-    with pytest.raises(DataError, match="cut.jpg"):
-        DeviceDecode(t, CPU, "raise")(items)
-    skip = DeviceDecode(t, CPU, "skip")
-    x, kept = skip(items)
-    assert items[cut].data is not None  # the worker read its header: left to the device decoder
-    assert x.shape == (1, 3, 64, 64) and kept.tolist() == [1 - cut]
-    assert skip.skipped == [str(tmp_path / "a" / "cut.jpg")]
+    batch = collate([enc[(0, i)] for i in range(2)])
+    cut = [k for k, it in enumerate(batch["views"]) if it.path.endswith("cut.jpg")][0]
+    assert batch["views"][cut].data is not None  # the worker read its header: left to the device decoder
+    done = DeviceDecode(t, CPU)(batch)
+    assert done["views"].shape == (1, 3, 64, 64) and done["indices"].tolist() == [1 - cut]
+    assert done["labels"].tolist() == [labels[1 - cut]]
+    assert [(f.index, f.path) for f in done["failed"]] == [(cut, str(tmp_path / "a" / "cut.jpg"))]
+    assert "truncated" in done["failed"][0].message and "data.on_error=skip" in done["failed"][0].message
 
 
 def _config(*overrides: str):

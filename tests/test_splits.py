@@ -25,9 +25,9 @@ def _count_decodes(monkeypatch) -> list[str]:
     calls: list[str] = []
     real = datasets.load_image
 
-    def counting(path):
+    def counting(path, *args):
         calls.append(str(path))
-        return real(path)
+        return real(path, *args)
 
     monkeypatch.setattr(datasets, "load_image", counting)
     return calls

@@ -96,6 +96,7 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip: what an unusable image does (skipped ones are counted)
     limit: Any = None  # use at most N images of each split (a seeded sample): quick runs and smoke tests
     decode: str = "cpu"  # cpu | gpu: training JPEGs decoded by the loader workers, or in batches on the GPU (nvJPEG)
+    max_pixels: Any = 100_000_000  # larger images (width x height, read from the header) are refused; null = no limit
 
 
 @dataclass
@@ -254,6 +255,7 @@ class TrainerConfig:
     checkpoint_every_s: Any = 1800  # ... and every N seconds (checked at log steps under torchrun); null = off
     eval_precision: str = "fp32"  # evaluation (per epoch and final): fp32 (TF32 off) | tf32 | bf16 | fp16
     log_every: int = 20  # TensorBoard train scalars every N steps
+    dist_timeout_s: float = 1800  # torchrun: a collective waiting longer on a stopped or hung rank stops the run
     progress: bool = True  # progress bars with throughput
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 import shutil
 import sys
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -77,11 +79,12 @@ def export_slurm_env() -> None:
                       LOCAL_WORLD_SIZE=str(job.num_tasks // job.num_nodes))
 
 
-def init_distributed(device: torch.device) -> Dist:
+def init_distributed(device: torch.device, timeout_s: float | None = None) -> Dist:
     """Join the torchrun (or SLURM: export_slurm_env) process group if WORLD_SIZE > 1; on CUDA, make `device` current.
 
     The backend is NCCL on CUDA and gloo on CPU; REPRO_DIST_BACKEND overrides it (e.g. `cuda:gloo`, a gloo group
     that, as NCCL, takes CUDA tensors only: the tests use it to show every collective stays on the run's device).
+    `timeout_s`: how long a collective waits for the other ranks before it fails (None: torch's default).
     """
     if device.type == "cuda":  # NCCL's object collectives (and the default CUDA stream) use the current device
         torch.cuda.set_device(device)
@@ -90,8 +93,37 @@ def init_distributed(device: torch.device) -> Dist:
         return Dist(device=device)
     if not dist.is_initialized():
         backend = os.environ.get("REPRO_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend)
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        dist.init_process_group(backend=backend, timeout=timeout)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
+
+
+PEER_LOST = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "connection refused")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether a collective failed because another rank did not answer in time or went away (gloo, NCCL, store)."""
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(s in text for s in PEER_LOST)
+
+
+def silent_ranks(d: Dist, wait_s: float) -> list[int] | None:
+    """After a collective timed out: the ranks that do not answer, found through the job's key-value store.
+
+    Every surviving rank writes its key, waits `wait_s` for the others' keys, and reports the ranks whose keys
+    never came (None when the store cannot tell, e.g. when the rank holding it is the one stopped).
+    """
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=max(1.0, wait_s)))
+        store.set(f"repro/alive/{d.rank}", "1")
+        keys = [f"repro/alive/{r}" for r in range(d.world_size)]
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not store.check(keys):
+            time.sleep(0.1)
+        return [r for r, k in enumerate(keys) if not store.check([k])]
+    except Exception:  # the store itself does not answer
+        return None
 
 
 def broadcast_object(obj: Any, d: Dist) -> Any:

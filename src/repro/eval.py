@@ -18,7 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, run_dir, save_run_info
+from repro.cli import (
+    CONFIG_DIR,
+    HYDRA_VERSION_BASE,
+    check_model_name,
+    fail,
+    run_dir,
+    save_run_info,
+)
 from repro.config import register_configs
 from repro.data import (
     ON_ERROR,
@@ -104,11 +111,23 @@ def eval_views(cfg: DictConfig, model_cfg: dict, data_cfg: dict) -> EvalViews:
     """The protocols' views; sizes follow the model's resolution (CIFAR: the image itself) unless given."""
     as_is = data_cfg["name"] in IN_MEMORY  # evaluated on the image itself, as repro-train does
     auto_resize, auto_crop = (None, None) if as_is else default_eval_size(model_cfg["resolution"])
-    resize = auto_resize if cfg.eval.resize == "auto" else cfg.eval.resize
-    crop = auto_crop if cfg.eval.crop == "auto" else cfg.eval.crop
+    resize = size_option("resize", cfg.eval.resize, auto_resize)
+    crop = size_option("crop", cfg.eval.crop, auto_crop)
     return EvalViews(protocols=list(cfg.eval.protocols), resize=resize, crop=crop, scales=list(cfg.eval.scales),
                      flip=cfg.eval.flip, interpolation=cfg.eval.interpolation, antialias=cfg.eval.antialias,
                      central_fraction=cfg.eval.central_fraction)
+
+
+def size_option(key: str, value: Any, auto: int | None) -> int | None:
+    """eval.resize / eval.crop: `auto` (from the model's resolution), null (none) or a positive number of pixels."""
+    if value == "auto":
+        return auto
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"eval.{key}={value!r} is not valid; give a size in pixels (e.g. eval.{key}="
+                         f"{256 if key == 'resize' else 224}), auto (from the model's resolution) or null (none)")
+    return value
 
 
 def recalibration_set(data_cfg: Any, split: str, images: int, views: EvalViews) -> Subset:
@@ -186,6 +205,17 @@ def check_options(cfg: DictConfig) -> None:
         fail(f"eval.bn_recalibrate={cfg.eval.bn_recalibrate} is not valid; give a number of images (0 = off)")
     if cfg.data is not None and cfg.data.on_error is not None and cfg.data.on_error not in ON_ERROR:
         fail(f"data.on_error={cfg.data.on_error!r} is not valid; choose one of {list(ON_ERROR)}")
+    if cfg.data is not None and cfg.data.batch_size is not None and not cfg.data.batch_size > 0:
+        fail(f"data.batch_size={cfg.data.batch_size} is not valid; give the images per evaluation batch, > 0 "
+             f"(e.g. data.batch_size=64)")
+    scales = list(cfg.eval.scales)
+    if "multi_scale" in cfg.eval.protocols and not scales:
+        fail("eval.scales=[] leaves multi_scale no scales; give the shorter sides to test at, e.g. "
+             "eval.scales=[224,256,384,480,640] (ResNet Table 4), or leave multi_scale out of eval.protocols")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in scales):
+        fail(f"eval.scales={scales} is not valid; give positive shorter sides in pixels, e.g. "
+             f"eval.scales=[224,256,384,480,640]")
+    check_model_name(cfg.model)
 
 
 def format_metrics(metrics: dict[str, dict[str, Any]]) -> str:
@@ -262,7 +292,8 @@ def _eval(cfg: DictConfig) -> None:
                                                       "weights": weights, "config": resolved}, indent=2))
         if cfg.eval.save_predictions:
             rows = sorted(result.predictions, key=lambda r: (r["protocol"], r["path"]))
-            with open(out / "predictions.csv", "w", newline="") as f:
+            # File names that are not UTF-8 are written back byte for byte (os.fsdecode's surrogateescape).
+            with open(out / "predictions.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
                 writer = csv.DictWriter(f, fieldnames=PREDICTION_COLUMNS)
                 writer.writeheader()
                 writer.writerows(rows)

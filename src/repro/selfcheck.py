@@ -571,12 +571,12 @@ def check_device_decode(ctx: Context) -> Check:
     t0 = time.perf_counter()
     want = collate([cpu_set[(0, i)] for i in range(len(paths))])["views"]
     cpu_rate = len(paths) / (time.perf_counter() - t0)
-    items = collate([enc_set[(0, i)] for i in range(len(paths))])["views"]
+    batch = collate([enc_set[(0, i)] for i in range(len(paths))])
     decoder = DeviceDecode(t, ctx.device)
-    decoder(items)  # warm-up (nvJPEG handles, kernels)
+    decoder(batch)  # warm-up (nvJPEG handles, kernels)
     _sync(ctx.device)
     t0 = time.perf_counter()
-    got, _ = decoder(items)
+    got = decoder(batch)["views"]
     _sync(ctx.device)
     gpu_rate = len(paths) / (time.perf_counter() - t0)
     diff = (got.cpu().float() - want.float()).abs()

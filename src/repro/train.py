@@ -6,12 +6,14 @@ One loop: `train_one_epoch` (device-side augmentation, AMP, accumulation, checkp
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +21,25 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, git_commit, run_dir, save_run_info
+from repro.cli import (
+    CONFIG_DIR,
+    HYDRA_VERSION_BASE,
+    check_data_keys,
+    check_model_name,
+    claim_run_dir,
+    fail,
+    git_commit,
+    resume_args,
+    run_dir,
+    save_run_info,
+    unlock_all,
+)
 from repro.config import register_configs
 from repro.data import DataError, EvalViews, Normalize, Preprocessing, ShardSampler, build_dataset, collate
 from repro.data.datasets import DATASET_SPLITS, DATASETS, IN_MEMORY, ImageTensors, Subset, shared_images
@@ -40,8 +55,10 @@ from repro.distributed import (
     export_slurm_env,
     gather_objects,
     init_distributed,
+    peer_lost,
     quiet_hydra_on_other_ranks,
     select_device,
+    silent_ranks,
 )
 from repro.engine import PRECISIONS, evaluate
 from repro.models import create_model_from_config
@@ -54,6 +71,10 @@ AMP = ("auto", "bf16", "fp16", "off")
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or Inf."""
+
+
+class WriteError(RuntimeError):
+    """A file of the run could not be written (disk full, read-only, ...); the message says what is kept."""
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -71,6 +92,7 @@ class TrainData:
     classes: list[str]
     eval_size: tuple[int | None, int | None]  # (resize, crop) of the test views
     decoder: DeviceDecode | None = None  # data.decode=gpu: the loader leaves JPEG bytes, decoded on the device
+    skipped: list[str] = field(default_factory=list)  # training files left out when decoded into memory (skip)
 
 
 def _tensors(cfg: DictConfig, split: str) -> ImageTensors:
@@ -82,15 +104,24 @@ def _tensors(cfg: DictConfig, split: str) -> ImageTensors:
         return ImageTensors(base.images[idx], list(ds.labels), ds.classes, list(ds.paths))
     # Image folders (e.g. CIFAR as JPEGs): decode every image once, in parallel workers.
     loader = DataLoader(ds, batch_size=512, num_workers=cfg.data.num_workers, collate_fn=collate)
-    chunks, labels, paths = [], [], []
+    chunks, labels, paths, skipped = [], [], [], []
     for batch in tqdm(loader, desc=f"decoding {split}", unit="batch", disable=not cfg.trainer.progress):
         for f in batch["failed"]:
             if cfg.data.on_error == "raise":
                 raise DataError(f.message)
+            skipped.append((f.path, f.message))
+        if batch["views"] is None:  # every image of this chunk was unusable
+            continue
         chunks.append(batch["views"])
         labels += batch["labels"].tolist()
         paths += [ds.paths[i] for i in batch["indices"].tolist()]
-    return ImageTensors(torch.cat(chunks), labels, ds.classes, paths)
+    if skipped:
+        log.warning("%s: skipped %d unusable images of %d (data.on_error=skip; counted as skipped), e.g. %s",
+                    split, len(skipped), len(ds), skipped[0][1])
+    if not chunks:
+        raise DataError(f"no usable image in the {split} split of data={cfg.data.name} ({len(ds)} files, all "
+                        f"unusable), e.g. {skipped[0][1] if skipped else ''}")
+    return ImageTensors(torch.cat(chunks), labels, ds.classes, paths, skipped=skipped)
 
 
 def _file_transform(aug: Any, crop: int) -> Any:
@@ -151,7 +182,7 @@ def build_data(cfg: DictConfig, resolution: int, batch: int, d: Dist, device: to
         transform = _file_transform(aug, crop)
         base = build_dataset(cfg.data, cfg.train_split, transform)
         if cfg.data.decode == "gpu":  # workers read bytes and draw each crop from the header; decoded on the GPU
-            base, decoder = EncodedFiles(base, transform), DeviceDecode(transform, device, cfg.data.on_error)
+            base, decoder = EncodedFiles(base, transform), DeviceDecode(transform, device)
         sampler = EpochSampler(len(base), batch, cfg.seed, d.rank, d.world_size, multiple=cfg.trainer.grad_accum)
         workers = cfg.data.num_workers
         loader = DataLoader(SeededSamples(base, cfg.seed), batch_size=batch, sampler=sampler, collate_fn=collate,
@@ -161,7 +192,8 @@ def build_data(cfg: DictConfig, resolution: int, batch: int, d: Dist, device: to
     val = _eval_set(cfg, cfg.val_split, views, small)
     test = _test_set(cfg, views, in_memory=small)
     pre = Preprocessing(tuple(aug.mean), tuple(aug.std), mean_image)
-    return TrainData(loader, batch_aug, pre, val, test, classes, (resize, eval_crop), decoder)
+    skipped = [path for path, _ in train.skipped] if small else []
+    return TrainData(loader, batch_aug, pre, val, test, classes, (resize, eval_crop), decoder, skipped)
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -176,6 +208,7 @@ class Progress:
     batch: int = 0
     best_err: float = math.inf
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: set[str] = field(default_factory=set)  # training images skipped (data.on_error=skip), every rank's
 
 
 @dataclass
@@ -204,6 +237,7 @@ class Run:
     stopping: bool = False  # every rank agreed to stop (see agree_to_stop)
     commit: str | None = None  # the git commit, read once per run
     last_save: float = field(default_factory=time.monotonic)  # when checkpoints/last.pt was last written
+    resume_hint: str = ""  # the arguments that continue this run dir (rank 0's, the same on every rank)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -262,19 +296,51 @@ def checkpoint(run: Run, ranks_rng: list[dict[str, Any]] | None = None) -> dict[
         "rng": ranks_rng[0],  # rank 0's (as a single-process run's)
         "rng_ranks": ranks_rng,  # every rank's own, in rank order
         "progress": {"step": p.step, "epoch": p.epoch, "batch": p.batch, "best_err": p.best_err,
-                     "history": p.history},
+                     "history": p.history, "skipped": sorted(p.skipped)},
         "config": {"model": cfg["model"], "data": cfg["data"], "recipe": cfg["recipe"], "seed": cfg["seed"]},
         "preprocessing": run.data.preprocessing.to_dict(),
         "git_commit": run.commit,
     }
 
 
-def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file, then rename: a kill mid-write leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind an exception (torch.save wraps a failed write in a RuntimeError), if any."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def save_atomic(obj: dict[str, Any], path: Path, kept: Path | None = None) -> None:
+    """torch.save to a temporary file, fsync, then rename: a kill or a full disk mid-write leaves the previous file.
+
+    A failed write removes the partial file and raises WriteError naming the problem and `kept` (default: `path`),
+    the last good checkpoint.
+    """
+    kept = kept or path
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        cause = _os_error(e)
+        where = (f"the last good checkpoint is kept at {kept}" if kept.is_file() else
+                 "no checkpoint was written yet")
+        if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteError(f"no space left on {path.parent}; {where}. Free some space and continue with "
+                             f"resume=auto") from None
+        why = cause.strerror if cause is not None and cause.strerror else str(e).splitlines()[0]
+        raise WriteError(f"cannot write {path} ({why}); {where}") from None
 
 
 def kept_checkpoint(run: Run) -> str:
@@ -293,9 +359,13 @@ def save(run: Run, name: str) -> None:
         raise NonFiniteLoss(f"the training loss diverged: the weights are not finite at step {run.progress.step}; "
                             f"stopping. {kept_checkpoint(run)}; lower the lr or check the data")
     sync_state(run)
-    ranks_rng = gather_objects(rng_state(run.device), run.dist)  # collective: every rank calls save()
+    # Collective (every rank calls save()): each rank's generator states, and the skipped images of all ranks.
+    gathered = gather_objects((rng_state(run.device), sorted(run.progress.skipped)), run.dist)
+    ranks_rng = [g[0] for g in gathered]
+    run.progress.skipped = {path for g in gathered for path in g[1]}
     if run.dist.is_main:
-        save_atomic(checkpoint(run, ranks_rng), run.out / "checkpoints" / f"{name}.pt")
+        save_atomic(checkpoint(run, ranks_rng), run.out / "checkpoints" / f"{name}.pt",
+                    kept=run.out / "checkpoints" / "last.pt")
     if name == "last":
         run.last_save = time.monotonic()
 
@@ -311,12 +381,34 @@ def sync_state(run: Run) -> None:
         broadcast_state(run.ema.module, run.dist)
 
 
-def resume(run: Run) -> bool:
-    """Load checkpoints/last.pt of this run dir into the run; False when there is none."""
-    path = run.out / "checkpoints" / "last.pt"
+CHECKPOINT_KEYS = ("model", "optimizer", "schedule", "scaler", "progress", "config")
+
+
+def read_checkpoint(path: Path, hint: str = "resume=auto") -> dict[str, Any] | None:
+    """The checkpoint at `path` to resume from (None when there is none); an unreadable or foreign file is kept as
+    it is and refused with a ValueError naming the ways out."""
     if not path.is_file():
+        return None
+    way_out = (f"it is kept as it is. Move it away (e.g. mv {path} {path}.bad) and rerun with {hint} to start this "
+               f"run dir from step 0, or start a new run with another name=")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, a foreign pickle refused by weights_only, an empty file, ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {reason}); {way_out}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing or not isinstance(ck["config"], dict) or "model" not in ck["config"]:
+        raise ValueError(f"{path} is not a repro-train checkpoint (it lacks {missing or ['config.model']}); "
+                         f"{way_out}")
+    return ck
+
+
+def resume(run: Run, ck: dict[str, Any] | None = None) -> bool:
+    """Load checkpoints/last.pt of this run dir (or `ck`, read from it) into the run; False when there is none."""
+    path = run.out / "checkpoints" / "last.pt"
+    ck = ck if ck is not None else read_checkpoint(path, run.resume_hint or "resume=auto")
+    if ck is None:
         return False
-    ck = torch.load(path, map_location="cpu", weights_only=True)
     saved, current = ck["config"]["model"], OmegaConf.to_container(run.cfg.model, resolve=True)
     if saved["name"] != current["name"]:
         raise ValueError(f"{path} holds a {saved['name']} run but model={current['name']}; "
@@ -338,7 +430,7 @@ def resume(run: Run) -> bool:
     run.scaler.load_state_dict(ck["scaler"])
     restore_rng(ck, run)
     p = ck["progress"]
-    run.progress = Progress(p["step"], p["epoch"], p["batch"], p["best_err"], p["history"])
+    run.progress = Progress(p["step"], p["epoch"], p["batch"], p["best_err"], p["history"], set(p.get("skipped", [])))
     return True
 
 
@@ -357,18 +449,20 @@ def train_one_epoch(run: Run) -> None:
     seen, micro, t0 = 0, 0, time.perf_counter()
     bar = tqdm(total=run.steps_per_epoch, initial=p.batch // accum, desc=f"epoch {p.epoch}", unit="step",
                disable=not (cfg.trainer.progress and run.dist.is_main), dynamic_ncols=True)
+    skipped_before = len(p.skipped)
     for batch in run.data.loader:
+        if run.data.decoder is not None:  # data.decode=gpu: the loader left JPEG bytes; decode and crop on the device
+            batch = run.data.decoder(batch)
         items = batch["views"]
-        if batch["failed"] and cfg.data.on_error == "raise":
-            raise DataError(batch["failed"][0].message)
-        # Move the uint8 batch to the device (data.decode=gpu: decode and crop its JPEGs there); augment there
-        # when the loader left it to us.
-        if run.data.decoder is not None:
-            x, kept = run.data.decoder(items)
-            y = batch["labels"][kept].to(dev, non_blocking=True)
-        else:
-            x = items.to(dev, non_blocking=True)
-            y = batch["labels"].to(dev, non_blocking=True)
+        if batch["failed"]:
+            skip_failed(run, batch["failed"])
+        if items is None:  # every image of this micro-batch was unusable (and skipped)
+            drop_empty_batch(run, batch["failed"])
+            continue
+        # Move the uint8 batch to the device (there already when decoded there); augment there when the loader
+        # left it to us.
+        x = items.to(dev, non_blocking=True)
+        y = batch["labels"].to(dev, non_blocking=True)
         if run.data.batch_aug is not None:
             x = run.data.batch_aug(x, sample_seed(rank_seed(cfg.seed, run.dist.rank), p.epoch, p.batch))
         # Normalize (and PCA-light) on the device, in channels_last (faster on CUDA and on CPU alike).
@@ -433,9 +527,38 @@ def train_one_epoch(run: Run) -> None:
         if stop or p.step >= run.total_steps:
             break
     bar.close()
+    if len(p.skipped) > skipped_before:
+        log.warning("epoch %d: unusable training images skipped (data.on_error=skip): %d distinct so far, counted as "
+                    "\"train_skipped\" in metrics.json", p.epoch, len(p.skipped))
     agree_to_stop(run)  # a signal that came late in the epoch: every rank decides alike before evaluating
     if p.batch >= run.data.loader.sampler.batches:  # the epoch is complete
         p.epoch, p.batch = p.epoch + 1, 0
+
+
+def skip_failed(run: Run, failed: list[Any]) -> None:
+    """Unusable training images: stop naming the first (data.on_error=raise), or remember them as skipped."""
+    if run.cfg.data.on_error == "raise":
+        raise DataError(failed[0].message)
+    for f in failed:
+        if f.path not in run.progress.skipped:
+            log.warning("skipping %s", f.message.split(". Replace or remove")[0])
+            run.progress.skipped.add(f.path)
+
+
+def drop_empty_batch(run: Run, failed: list[Any]) -> None:
+    """A micro-batch whose every image was skipped: it adds nothing; its optimizer step is dropped with it.
+
+    Under torchrun the other ranks would wait for this rank's gradients, so it stops instead, naming the files.
+    """
+    p = run.progress
+    if run.dist.enabled:
+        raise DataError(f"every image of a training batch of rank {run.dist.rank} is unusable (e.g. "
+                        f"{failed[0].path if failed else '?'}); under torchrun a rank cannot leave out a whole batch: "
+                        f"remove or replace the files (data.on_error=skip then skips the rest)")
+    log.warning("epoch %d: a training batch had no usable image; its step is dropped", p.epoch)
+    p.batch += 1
+    if p.batch % run.cfg.trainer.grad_accum == 0:  # the step's last micro-batch: drop the step's gradients too
+        run.optimizer.zero_grad(set_to_none=True)
 
 
 def agree_to_stop(run: Run) -> tuple[bool, bool]:
@@ -480,6 +603,9 @@ def validate(run: Run, ds: Any, protocols: list[str] | None = None) -> dict[str,
         ema = evaluate(run.ema.module, run.normalize, loader, run.device, protocols, on_error=on_error,
                        dist=run.dist, progress=False, precision=precision).metrics()
         out = {**ema, **{f"{p}_noema": m for p, m in out.items()}}
+    decoded = len(getattr(ds, "skipped", []))  # files left out when the split was decoded into memory (every rank)
+    for m in out.values():
+        m["skipped"] += decoded
     return out
 
 
@@ -552,11 +678,44 @@ def check_config(cfg: DictConfig) -> None:
              f"data={cfg.data.name} has none to decode there: use data.decode=cpu")
     if cfg.data.decode == "gpu" and cfg.trainer.device == "cpu":
         fail("data.decode=gpu needs a GPU (trainer.device=cuda or auto on a GPU machine); use data.decode=cpu")
+    if not cfg.trainer.dist_timeout_s > 0:
+        fail(f"trainer.dist_timeout_s={cfg.trainer.dist_timeout_s} is not valid; give seconds > 0 (default 1800)")
+    check_model_name(cfg.model)
+    problem = crop_problem(cfg)
+    if problem:
+        fail(problem)
     try:  # the model's arguments, checked without allocating its weights
         with torch.device("meta"):
             create_model_from_config(OmegaConf.to_container(cfg.model, resolve=True))
     except ValueError as e:
         fail(str(e))
+
+
+CIFAR_SIZE = 32
+
+
+def crop_problem(cfg: DictConfig) -> str | None:
+    """Why the training crop cannot be cut from the data's images (fixed-size data only), or None.
+
+    CIFAR and digits are evaluated on the image itself and trained on padded crops of it, so the model's
+    resolution (or recipe.augment.crop) must fit the image with its padding (model=resnet50 data=cifar10: 224 > 40).
+    """
+    name = cfg.data.name
+    if name not in IN_MEMORY and name != "synthetic":
+        return None  # image files of any size, resized
+    aug = cfg.recipe.augment
+    if name == "synthetic" and aug.train != "pad_crop":
+        return None  # resized crops fit any image
+    size = CIFAR_SIZE if name in ("cifar10", "cifar100") else int(cfg.data.image_size)
+    crop = cfg.model.resolution if aug.crop == "auto" else aug.crop
+    pad = aug.pad if aug.train == "pad_crop" else 0
+    if crop <= size + 2 * pad:
+        return None
+    what = f"model.resolution={crop}" if aug.crop == "auto" else f"recipe.augment.crop={crop}"
+    fix = (f"use a model made for {size}x{size} images (model=resnet20 ... resnet1202, plain20 ... plain110) or "
+           f"model.resolution={size}" if aug.crop == "auto" else f"set recipe.augment.crop={size}")
+    return (f"model={cfg.model.name} would train on {crop}x{crop} crops ({what}) but data={name}'s images are "
+            f"{size}x{size} ({size + 2 * pad} with the padding); {fix}")
 
 
 def check_splits(cfg: DictConfig) -> None:
@@ -684,8 +843,10 @@ def final_metrics(run: Run) -> dict[str, Any]:
     ds = run.data.test if run.data.test is not None else run.data.val
     metrics = validate(run, ds, list(run.cfg.final_protocols))
     best = run.progress.best_err if math.isfinite(run.progress.best_err) else None
+    skipped = {path for part in gather_objects(sorted(run.progress.skipped), run.dist) for path in part}
     return {**metrics, "split": run.cfg.test_split or run.cfg.val_split, "best_val_top1_err": best,
-            "steps": run.progress.step, "batch": batch_plan(run.cfg, run.dist.world_size),
+            "train_skipped": len(skipped | set(run.data.skipped)), "steps": run.progress.step,
+            "batch": batch_plan(run.cfg, run.dist.world_size),
             "eval_precision": run.cfg.trainer.get("eval_precision", "fp32"),
             "lr": run.schedule.base_lr, "config": OmegaConf.to_container(run.cfg, resolve=True)}
 
@@ -697,8 +858,9 @@ def fit(run: Run) -> None:
         train_one_epoch(run)
         if run.stopping:
             save(run, "last")
-            log.warning("%s received: checkpoint written at step %d; continue with resume=auto name=%s",
-                        run.stop_signal or "a signal (on another rank)", run.progress.step, cfg.name)
+            log.warning("%s received: checkpoint written at step %d; continue with %s",
+                        run.stop_signal or "a signal (on another rank)", run.progress.step,
+                        run.resume_hint or f"resume=auto name={cfg.name}")
             return
         epoch_done = run.progress.batch == 0
         if (epoch_done and run.progress.epoch % cfg.trainer.eval_every == 0) or run.progress.step >= run.total_steps:
@@ -719,13 +881,23 @@ def _train(cfg: DictConfig) -> None:
         check_splits(cfg)  # the splits' files are listed, not decoded
         export_slurm_env()  # the ranks of a multi-task SLURM job, before the device is chosen by LOCAL_RANK
         device = select_device(cfg.trainer.device)
-        d = init_distributed(device)  # also makes the device current on CUDA
-        out = Path(broadcast_object(str(run_dir()), d))
+        d = init_distributed(device, cfg.trainer.dist_timeout_s)  # also makes the device current on CUDA
+        # Rank 0's run dir and the arguments that continue it (other ranks have a scratch dir and another name).
+        hint = resume_args(cfg.name, HydraConfig.get()) if d.is_main else None
+        out_str, hint = broadcast_object((str(run_dir()), hint), d)
+        out = Path(out_str)
+        # Never another run's dir (unless resume=auto), never two processes in one (a sweep's job claims it here).
+        problem = broadcast_object(claim_run_dir(out, cfg.resume, cfg.name, HydraConfig.get()) if d.is_main
+                                   else None, d)
+        if problem:
+            fail(problem)
+        ck = read_checkpoint(out / "checkpoints" / "last.pt", hint) if cfg.resume == "auto" else None
         run = setup(cfg, d, device, out)
+        run.resume_hint = hint
     except (ValueError, DataError) as e:
         fail(str(e))
     try:
-        resumed = cfg.resume == "auto" and resume(run)
+        resumed = ck is not None and resume(run, ck)
     except ValueError as e:  # another run's checkpoint (model, optimizer groups) under this name
         if run.writer is not None:
             run.writer.close()
@@ -744,19 +916,43 @@ def _train(cfg: DictConfig) -> None:
         signal.signal(sig, on_signal)
     try:
         fit(run)
-    except (NonFiniteLoss, DataError, ValueError) as e:  # ValueError: e.g. out of GPU memory in evaluation
+    except (NonFiniteLoss, WriteError, DataError, ValueError) as e:  # ValueError: e.g. out of GPU memory in eval
         fail(str(e))
+    except OSError as e:  # metrics.json / metrics.jsonl / TensorBoard: disk full, read-only
+        fail(f"cannot write {e.filename or run.out} ({e.strerror or e}); {kept_checkpoint(run)}")
+    except RuntimeError as e:
+        if not (d.enabled and peer_lost(e)):
+            raise
+        fail(timeout_message(run, e))
     finally:
         if run.writer is not None:
             run.writer.close()
     cleanup(d)
 
 
+def timeout_message(run: Run, e: BaseException) -> str:
+    """What a rank says when a collective waited trainer.dist_timeout_s for the others in vain."""
+    d, timeout = run.dist, float(run.cfg.trainer.dist_timeout_s)
+    silent = silent_ranks(d, min(5.0, timeout))
+    who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}" if silent else "another rank"
+    return (f"rank {d.rank}: a collective got no answer from {who} within trainer.dist_timeout_s={timeout:g} s, or "
+            f"lost it (a rank stopped, hung or died: SIGSTOP, a wedged GPU, a lost node) "
+            f"[{str(e).strip().splitlines()[0][:160]}]; stopping. {kept_checkpoint(run)}; continue with "
+            f"{run.resume_hint} once every rank runs, or raise trainer.dist_timeout_s if a step can take that long")
+
+
+DATA_KEYS = {"train_dir": ("folder", "imagenet"), "val_dir": ("folder", "imagenet")}  # keys of some datasets only
+
+
 def main() -> None:
     """Console entry point of `repro-train`."""
     register_configs()
+    check_data_keys("train", sys.argv[1:], DATA_KEYS)
     quiet_hydra_on_other_ranks()
-    _train()
+    try:
+        _train()
+    finally:
+        unlock_all()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from repro.data.digits import DIGIT_SPLITS
-from repro.data.images import IMAGE_EXTENSIONS, ImageError, is_image_file, load_image
+from repro.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, is_image_file, load_image
 
 DATASETS = ("imagenet", "folder", "cifar10", "cifar100", "synthetic", "digits")
 # Small datasets: decoded into memory for training and evaluated on the image as it is (no resize, no crop).
@@ -94,9 +94,11 @@ class ImageFiles(Dataset):
     """Images on disk, decoded in the worker that loads them."""
 
     def __init__(self, paths: list[str], labels: list[int], classes: list[str],
-                 transform: Callable[..., Any] | None = None, root: str | None = None) -> None:
+                 transform: Callable[..., Any] | None = None, root: str | None = None,
+                 max_pixels: int | None = MAX_PIXELS) -> None:
         self.paths, self.labels, self.classes, self.transform = paths, labels, classes, transform
         self.root = root  # the folder scanned (for the split-overlap check)
+        self.max_pixels = max_pixels  # data.max_pixels: larger images are refused before decoding
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -104,18 +106,21 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int, int] | Failed:
         path = self.paths[i]
         try:
-            img = load_image(path)
+            img = load_image(path, self.max_pixels)
             return (_apply(self.transform, img, path), self.labels[i], i)
         except ImageError as e:
             return Failed(i, path, str(e))
+        except Exception as e:  # anything else one image does to a decoder or transform is that image's failure
+            return Failed(i, path, str(ImageError(path, f"cannot use the image ({type(e).__name__}: {e})")))
 
 
 class ImageTensors(Dataset):
     """Images already decoded in memory as uint8 [N, 3, H, W] (CIFAR)."""
 
     def __init__(self, images: torch.Tensor, labels: list[int], classes: list[str], names: list[str],
-                 transform: Callable[..., Any] | None = None) -> None:
+                 transform: Callable[..., Any] | None = None, skipped: list[tuple[str, str]] | None = None) -> None:
         self.images, self.labels, self.classes, self.paths, self.transform = images, labels, classes, names, transform
+        self.skipped = skipped or []  # (path, why) of files left out when decoding into memory (data.on_error=skip)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -230,8 +235,16 @@ def _build(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Datase
         paths, labels, classes = scan_folder(folder, classes)
         if name == "folder" and split == "val":
             _same_classes(cfg, classes, folder)
-        return ImageFiles(paths, labels, classes, transform, root=str(folder))
+        return ImageFiles(paths, labels, classes, transform, root=str(folder), max_pixels=_max_pixels(cfg))
     return _build_cifar(cfg, split, transform)
+
+
+def _max_pixels(cfg: Any) -> int | None:
+    """data.max_pixels (configs written before it existed: the default; null: no limit)."""
+    value = getattr(cfg, "max_pixels", MAX_PIXELS) if not isinstance(cfg, dict) else cfg.get("max_pixels", MAX_PIXELS)
+    if value is not None and not (isinstance(value, int) and value > 0):
+        raise DataError(f"data.max_pixels={value!r} is not valid; give a positive number of pixels (or null: no limit)")
+    return value
 
 
 def _same_classes(cfg: Any, val_classes: list[str], val_folder: str) -> None:
@@ -260,7 +273,7 @@ def _build_cifar(cfg: Any, split: str, transform: Callable[..., Any] | None) -> 
         if len(classes) != cfg.num_classes:
             raise DataError(f"{root / sub} has {len(classes)} class folders but data={cfg.name} has "
                             f"{cfg.num_classes} classes")
-        ds: Dataset = ImageFiles(paths, labels, classes, transform, root=str(root / sub))
+        ds: Dataset = ImageFiles(paths, labels, classes, transform, root=str(root / sub), max_pixels=_max_pixels(cfg))
     elif split == "test" and (root / "train").is_dir():
         raise DataError(f"{str(root)!r} has train/ but no test/ images; evaluate on the validation split carved "
                         f"from train with data.split=val")

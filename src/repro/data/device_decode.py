@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from repro.data.datasets import DataError, Failed
+from repro.data.datasets import Failed
 from repro.data.images import ImageError, decode
 from repro.data.transforms import Window
 
@@ -79,36 +79,34 @@ class EncodedFiles(Dataset):
 
 
 class DeviceDecode:
-    """Decode a batch of `Encoded` items on `device` and crop each as drawn; failures raise or are dropped."""
+    """Finish a batch of `Encoded` items on `device`: decode the JPEGs there, crop each as drawn."""
 
-    def __init__(self, transform: Any, device: torch.device, on_error: str = "raise") -> None:
-        self.transform, self.device, self.on_error = transform, device, on_error
-        self.skipped: list[str] = []  # files the device decoder could not read (data.on_error=skip)
+    def __init__(self, transform: Any, device: torch.device) -> None:
+        self.transform, self.device = transform, device
 
-    def __call__(self, items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 [N, 3, crop, crop] on the device, indices into `items` of the N images kept)."""
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with "views" a uint8 [N, 3, crop, crop] tensor on the device (None if no image was usable);
+        labels and indices of the N images kept; files the decoders refused added to "failed"."""
+        items: list[Encoded] = batch["views"] or []
         todo = [k for k, it in enumerate(items) if it.data is not None]
         decoded = dict(zip(todo, self._decode([items[k].data for k in todo]))) if todo else {}
-        out, keep = [], []
+        out, keep, failed = [], [], list(batch["failed"])
         for k, it in enumerate(items):
             img = decoded.get(k)
-            if it.image is not None:
+            if it.image is not None:  # decoded and cropped by the worker
                 out.append(it.image.to(self.device, non_blocking=True))
-            elif img is None:  # the device decoder refused this file; the CPU decoder says why, or decodes it
-                try:
-                    img = decode(bytes(it.data.numpy()), it.path).to(self.device)
-                except ImageError as e:
-                    if self.on_error == "raise":
-                        raise DataError(str(e)) from None
-                    self.skipped.append(it.path)
-                    continue
-                out.append(self.transform.apply(img, it.window))
             else:
+                if img is None:  # the device decoder refused it: the CPU decoder reads it or says why
+                    try:
+                        img = decode(bytes(it.data.numpy()), it.path).to(self.device)
+                    except ImageError as e:
+                        failed.append(Failed(int(batch["indices"][k]), it.path, str(e)))
+                        continue
                 out.append(self.transform.apply(img, it.window))
             keep.append(k)
-        if not out:
-            raise DataError("every image of a training batch failed to decode; check the files named above")
-        return torch.stack(out), torch.tensor(keep, dtype=torch.long)
+        kept = torch.tensor(keep, dtype=torch.long)
+        return {**batch, "views": torch.stack(out) if out else None, "labels": batch["labels"][kept],
+                "indices": batch["indices"][kept], "failed": failed}
 
     def _decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Decode all at once on the device; when the batch call fails, one by one (None: refused)."""

@@ -238,6 +238,7 @@ class PadCrop:
     crop: int = 32
     pad: int = 4
     flip: bool = True
+    takes_path: ClassVar[bool] = True  # error messages name the file
 
     def window(self, h: int, w: int) -> Window:
         """Draw the crop's offsets in the padded image, then the flip."""
@@ -250,8 +251,12 @@ class PadCrop:
         out = padded[..., win.top:win.top + win.height, win.left:win.left + win.width]
         return out.flip(-1) if win.flip else out
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        return self.apply(img, self.window(*img.shape[-2:]))
+    def __call__(self, img: torch.Tensor, path: str = "<image>") -> torch.Tensor:
+        h, w = img.shape[-2:]
+        if min(h, w) + 2 * self.pad < self.crop:
+            raise ImageError(path, f"the image is {w}x{h}, smaller than the {self.crop}x{self.crop} training crop even "
+                                   f"with {self.pad} pixels of padding on each side")
+        return self.apply(img, self.window(h, w))
 
 
 # ------------------------------------------------------------------------------------------ on the device

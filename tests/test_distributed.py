@@ -324,3 +324,21 @@ def test_torchrun_metrics_are_what_one_process_measures(torchrun_and_eval):
     ck = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     a, b = ck["rng_ranks"]
     assert not torch.equal(a["torch"], b["torch"]) and torch.equal(ck["rng"]["torch"], a["torch"])
+
+
+@pytest.mark.parametrize(("rank", "drawn"), [("0", True), ("1", False)])
+def test_only_rank_0_draws_the_decoding_bar(tmp_path, monkeypatch, capfd, rank, drawn):
+    """CIFAR image folders decoded into memory: under torchrun only rank 0 draws the "decoding" progress bar."""
+    from PIL import Image
+
+    for c in range(10):
+        (tmp_path / "train" / f"c{c}").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (c * 20, 0, 0)).save(tmp_path / "train" / f"c{c}" / "0.png")
+    monkeypatch.setenv("RANK", rank)
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["data=cifar10", f"data.root={tmp_path}", "data.num_workers=0",
+                                          "trainer.progress=true", "name=bar"])
+    capfd.readouterr()
+    assert len(tr._tensors(cfg, "trainval").labels) == 10
+    assert ("decoding trainval" in capfd.readouterr().err) == drawn

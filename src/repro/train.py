@@ -6,6 +6,7 @@ One loop: `train_one_epoch` (device-side augmentation, AMP, accumulation, checkp
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -55,6 +56,7 @@ from repro.distributed import (
     export_slurm_env,
     gather_objects,
     init_distributed,
+    launched_rank,
     peer_lost,
     quiet_hydra_on_other_ranks,
     select_device,
@@ -105,7 +107,8 @@ def _tensors(cfg: DictConfig, split: str) -> ImageTensors:
     # Image folders (e.g. CIFAR as JPEGs): decode every image once, in parallel workers.
     loader = DataLoader(ds, batch_size=512, num_workers=cfg.data.num_workers, collate_fn=collate)
     chunks, labels, paths, skipped = [], [], [], []
-    for batch in tqdm(loader, desc=f"decoding {split}", unit="batch", disable=not cfg.trainer.progress):
+    hide = not cfg.trainer.progress or launched_rank() != 0  # one bar under torchrun: rank 0's
+    for batch in tqdm(loader, desc=f"decoding {split}", unit="batch", disable=hide):
         for f in batch["failed"]:
             if cfg.data.on_error == "raise":
                 raise DataError(f.message)
@@ -471,7 +474,7 @@ def train_one_epoch(run: Run) -> None:
             x = x.contiguous(memory_format=torch.channels_last)
         # Forward and loss under autocast (a no-op when AMP is off); DDP syncs only on the last micro-batch.
         last_micro = (p.batch + 1) % accum == 0
-        sync = run.model.no_sync() if (run.dist.enabled and not last_micro) else _null()
+        sync = run.model.no_sync() if (run.dist.enabled and not last_micro) else contextlib.nullcontext()
         with sync:
             with torch.autocast(dev.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
                 logits = run.model(x)
@@ -574,16 +577,6 @@ def agree_to_stop(run: Run) -> tuple[bool, bool]:
         got, due = bool(flags[0] > 0), bool(flags[1] > 0)
     run.stopping = got
     return got, due
-
-
-class _null:
-    """A context manager that does nothing."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def validate(run: Run, ds: Any, protocols: list[str] | None = None) -> dict[str, dict[str, Any]]:

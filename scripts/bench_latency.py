@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 from pathlib import Path
 
@@ -51,6 +52,18 @@ def bench_config(model: str, width: float, resolution: int, args: argparse.Names
                  f"bench.iters={args.iters}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("bench", overrides=overrides)
+
+
+def median_of_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """Each measurement of the first round with latency_ms and latency_ms_p90 the medians over the rounds (and
+    images_per_s from that median), plus the per-round medians as "rounds_ms"."""
+    merged = []
+    for i, rec in enumerate(rounds[0]):
+        runs = [rnd[i] for rnd in rounds]
+        med = statistics.median(r["latency_ms"] for r in runs)
+        merged.append({**rec, "latency_ms": med, "latency_ms_p90": statistics.median(r["latency_ms_p90"] for r in runs),
+                       "images_per_s": rec["batch_size"] * 1000.0 / med, "rounds_ms": [r["latency_ms"] for r in runs]})
+    return merged
 
 
 def markdown_table(report: dict) -> str:
@@ -97,6 +110,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3, help="passes over the grid; each point's median over them")
     parser.add_argument("--v2-grid", action="store_true", help="also V2's 1.0/0.75/0.5/0.35 at 192, 160, 128, 96")
     parser.add_argument("--table", metavar="REPORT", help="only print the README table of an existing report")
     args = parser.parse_args()
@@ -105,12 +119,16 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     register_configs()
-    machine, results = None, []
-    for model, width, resolution in grid(args.v2_grid):
-        report = run_bench(bench_config(model, width, resolution, args))
-        print(format_table(report) + "\n", flush=True)
-        machine = machine or report["machine"]
-        results += report["results"]
+    machine, rounds = None, []
+    for r in range(args.rounds):  # whole passes over the grid, so a slow spell of a shared machine hits one pass
+        results = []
+        for model, width, resolution in grid(args.v2_grid):
+            report = run_bench(bench_config(model, width, resolution, args))
+            print(f"round {r + 1}/{args.rounds}\n" + format_table(report) + "\n", flush=True)
+            machine = machine or report["machine"]
+            results += report["results"]
+        rounds.append(results)
+    results = median_of_rounds(rounds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

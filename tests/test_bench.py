@@ -217,6 +217,12 @@ def test_grid_script_measures_every_table_row(tmp_path):
     assert table[4] == "| mobilenet_v1 | 1 | 224 | 569 | 30.0 | 12.0 | 2.50 | 1.00 | 1.00 |"
     assert table[5] == "| mobilenet_v2 | 1 | 224 | 301 | 27.0 | 9.0 | 3.00 | 0.75 | 0.53 |"
 
+    # Three rounds: each point reports the median of its round medians (a slow spell in one round does not count).
+    rounds = [[{**record(configs[0], ms), "latency_ms_p90": ms + 1}] for ms in (12.0, 30.0, 11.0)]
+    (merged,) = script["median_of_rounds"](rounds)
+    assert (merged["latency_ms"], merged["latency_ms_p90"], merged["rounds_ms"]) == (12.0, 13.0, [12.0, 30.0, 11.0])
+    assert merged["images_per_s"] == pytest.approx(1000 / 12.0)
+
 
 def test_executorch_computes_what_pytorch_computes(tmp_path):
     """The XNNPACK-lowered program gives akamaster's ResNet-20 logits (within 1e-4) and top-1 classes."""

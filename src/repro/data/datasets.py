@@ -18,14 +18,8 @@ from torch.utils.data import Dataset
 from repro.data.digits import DIGIT_SPLITS
 from repro.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, is_image_file, load_image
 
-DATASETS = ("imagenet", "folder", "cifar10", "cifar100", "synthetic", "digits")
-# Small datasets: decoded into memory for training and evaluated on the image as it is (no resize, no crop).
-IN_MEMORY = ("cifar10", "cifar100", "digits")
 CIFAR_SPLITS = ("train", "val", "trainval", "test")
 FOLDER_SPLITS = ("train", "val")
-# The splits each dataset has (synthetic takes any name).
-DATASET_SPLITS = {"imagenet": FOLDER_SPLITS, "folder": FOLDER_SPLITS, "cifar10": CIFAR_SPLITS,
-                  "cifar100": CIFAR_SPLITS, "digits": DIGIT_SPLITS}
 
 
 class DataError(ValueError):
@@ -211,32 +205,41 @@ def build_dataset(cfg: Any, split: str, transform: Callable[..., Any] | None = N
 
 
 def _build(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Dataset:
-    """build_dataset without the limit."""
-    name = cfg.name
-    if name not in DATASETS:
-        raise DataError(f"data={name!r} is not valid; choose one of {list(DATASETS)}")
-    splits = DATASET_SPLITS.get(name)
-    if splits is not None and split not in splits:
-        raise DataError(f"data.split={split!r} is not valid for data={name}; choose one of {list(splits)}")
-    if name == "synthetic":
-        return Synthetic(cfg.length, cfg.image_size, cfg.num_classes, transform)
-    if name == "digits":
-        from repro.data.digits import digits_tensors
+    """build_dataset without the limit: the split checked against the dataset's spec, then built by it."""
+    spec = SPECS.get(cfg.name)
+    if spec is None:
+        raise DataError(f"data={cfg.name!r} is not valid; choose one of {list(SPECS)}")
+    if spec.splits is not None and split not in spec.splits:
+        raise DataError(f"data.split={split!r} is not valid for data={cfg.name}; choose one of {list(spec.splits)}")
+    return spec.build(cfg, split, transform)
 
-        images, labels, classes, index = digits_tensors(cfg, split)
-        return ImageTensors(images, labels, classes, [f"digits/{i}" for i in index], transform)
-    if name in ("imagenet", "folder"):
-        folder = cfg.train_dir if split == "train" else cfg.val_dir
-        if folder is None:
-            if cfg.root is None:
-                raise DataError(f"data={name} needs data.root (holding train/ and val/) or data.{split}_dir")
-            folder = os.path.join(cfg.root, split)
-        classes = imagenet_synsets() if name == "imagenet" else None
-        paths, labels, classes = scan_folder(folder, classes)
-        if name == "folder" and split == "val":
-            _same_classes(cfg, classes, folder)
-        return ImageFiles(paths, labels, classes, transform, root=str(folder), max_pixels=_max_pixels(cfg))
-    return _build_cifar(cfg, split, transform)
+
+def _build_synthetic(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Dataset:
+    """Random images (any split name)."""
+    return Synthetic(cfg.length, cfg.image_size, cfg.num_classes, transform)
+
+
+def _build_digits(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Dataset:
+    """scikit-learn's digits, upscaled, in memory."""
+    from repro.data.digits import digits_tensors
+
+    images, labels, classes, index = digits_tensors(cfg, split)
+    return ImageTensors(images, labels, classes, [f"digits/{i}" for i in index], transform)
+
+
+def _build_folder(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Dataset:
+    """ImageNet (class index = sorted synsets) or any class-folder tree: <root>/<split>/ or data.<split>_dir."""
+    name = cfg.name
+    folder = cfg.train_dir if split == "train" else cfg.val_dir
+    if folder is None:
+        if cfg.root is None:
+            raise DataError(f"data={name} needs data.root (holding train/ and val/) or data.{split}_dir")
+        folder = os.path.join(cfg.root, split)
+    classes = imagenet_synsets() if name == "imagenet" else None
+    paths, labels, classes = scan_folder(folder, classes)
+    if name == "folder" and split == "val":
+        _same_classes(cfg, classes, folder)
+    return ImageFiles(paths, labels, classes, transform, root=str(folder), max_pixels=_max_pixels(cfg))
 
 
 def _max_pixels(cfg: Any) -> int | None:
@@ -285,6 +288,32 @@ def _build_cifar(cfg: Any, split: str, transform: Callable[..., Any] | None) -> 
         train_idx, val_idx = carve_split(ds.labels, cfg.val_size, cfg.split_seed)
         ds = Subset(ds, train_idx if split == "train" else val_idx)
     return ds
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a dataset is, said once: its splits, whether it lives in memory, how a split is built."""
+
+    name: str
+    splits: tuple[str, ...] | None  # the split names it has; None: any (synthetic)
+    # Small datasets are decoded once into memory for training (augmented batch-wise on the device) and evaluated
+    # on the image as it is (no resize, no crop); the others are read from files by loader workers.
+    in_memory: bool
+    build: Callable[[Any, str, Callable[..., Any] | None], Dataset]  # (data config, split, transform) -> dataset
+
+
+SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
+    DatasetSpec("imagenet", FOLDER_SPLITS, False, _build_folder),
+    DatasetSpec("folder", FOLDER_SPLITS, False, _build_folder),
+    DatasetSpec("cifar10", CIFAR_SPLITS, True, _build_cifar),
+    DatasetSpec("cifar100", CIFAR_SPLITS, True, _build_cifar),
+    DatasetSpec("synthetic", None, False, _build_synthetic),
+    DatasetSpec("digits", DIGIT_SPLITS, True, _build_digits),
+)}
+# Views of the specs, for the callers that ask one question.
+DATASETS = tuple(SPECS)
+IN_MEMORY = tuple(name for name, spec in SPECS.items() if spec.in_memory)
+DATASET_SPLITS = {name: spec.splits for name, spec in SPECS.items() if spec.splits is not None}
 
 
 def shared_images(cfg: Any, split: str, train_split: str) -> tuple[int, int]:

@@ -6,7 +6,6 @@ whose reported numbers a 1-process repro-eval of its checkpoint reproduces."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from torch import nn
 
 import repro.distributed as rd
 import repro.train as tr
-from common import FakeDDP
+from common import FakeDDP, clean_env
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.data import Normalize, Preprocessing
@@ -285,12 +284,6 @@ def test_checkpoints_on_a_time_interval_read_git_once(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- 2-process torchrun
-def _clean_env() -> dict[str, str]:
-    """The environment without a surrounding torchrun's variables."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    return {**env, "OMP_NUM_THREADS": "1"}
-
-
 @pytest.fixture(scope="module")
 def torchrun_and_eval(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
     """A 6-step digits run under torchrun (2 gloo processes), then a 1-process repro-eval of its last.pt."""
@@ -299,11 +292,11 @@ def torchrun_and_eval(tmp_path_factory) -> tuple[Path, subprocess.CompletedProce
     cwd = tmp_path_factory.mktemp("torchrun")
     train = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "repro.train", "name=ddp",
                             "trainer.max_steps=6", "trainer.progress=false", *SMALL], cwd=cwd, capture_output=True,
-                           text=True, timeout=400, env=_clean_env())
+                           text=True, timeout=400, env=clean_env(OMP_NUM_THREADS="1"))
     ck = cwd / "outputs" / "train" / "ddp" / "checkpoints" / "last.pt"
     ev = subprocess.run([sys.executable, "-m", "repro.eval", f"weights.path={ck}", "hydra.run.dir=eval",
                          "eval.progress=false"], cwd=cwd, capture_output=True, text=True, timeout=300,
-                        env=_clean_env())
+                        env=clean_env(OMP_NUM_THREADS="1"))
     return cwd, train, ev
 
 

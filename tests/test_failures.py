@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torchvision.io import write_png
 
+from common import clean_env, wait_for
 from repro.cli import LOCK_FILE, lock_run_dir, unlock_run_dir
 from repro.data.datasets import ImageFiles
 from repro.data.images import ImageError, decode
@@ -38,23 +39,6 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
         return {}
     return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
             if p.is_file()}
-
-
-def clean_env() -> dict[str, str]:
-    """The environment without a surrounding torchrun's variables."""
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    """Poll until `path` exists (failing if the process ends first or time runs out)."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (code {proc.returncode}) before {path} appeared: {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{path} did not appear within {timeout} s")
-        time.sleep(0.05)
 
 
 def finished_run(root: Path) -> Path:

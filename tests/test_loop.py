@@ -4,7 +4,6 @@ autocast and the grad scaler, label smoothing, the ResNet-110 warm-up, the weigh
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from common import FakeDDP
+from common import FakeDDP, clean_env
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.data import build_dataset
@@ -296,11 +295,6 @@ def test_best_checkpoint_holds_the_best_validation_epoch(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- sync_bn
-def _clean_env() -> dict[str, str]:
-    """The environment without a surrounding torchrun's variables."""
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-
-
 @pytest.mark.parametrize("sync", [True, False])
 def test_sync_bn_converts_every_batchnorm(tmp_path, monkeypatch, sync):
     """trainer.sync_bn=true on 2 processes: every BatchNorm of the model the loop trains (and the optimizer
@@ -329,7 +323,7 @@ def test_sync_bn_on_cpu_is_refused_with_a_message(tmp_path):
         pytest.skip("torchrun is not on PATH")
     res = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "repro.train", "trainer.max_steps=2",
                           "trainer.sync_bn=true", "name=sbn", "trainer.progress=false"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300, env=_clean_env())
+                         capture_output=True, text=True, timeout=300, env=clean_env())
     assert res.returncode != 0
     assert "SyncBatchNorm" in res.stderr and "GPU" in res.stderr
     assert not list(tmp_path.rglob("*.pt"))
@@ -363,7 +357,7 @@ def torchrun_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     res = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "driver.py", "trainer.max_steps=40",
                           "trainer.checkpoint_every=5", "trainer.grad_accum=2", "name=ddp", "trainer.progress=false"],
                          cwd=cwd,
-                         capture_output=True, text=True, timeout=400, env=_clean_env())
+                         capture_output=True, text=True, timeout=400, env=clean_env())
     return cwd, res
 
 

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from timm.optim import RMSpropTF
 from torch import nn
 
-from common import CIFAR_ROOT, ROOT, cifar_train_only
+from common import CIFAR_ROOT, ROOT, cifar_train_only, wait_for
 from conftest import Result
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
@@ -82,18 +82,6 @@ def tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
 def all_finite(obj) -> bool:
     """Whether every floating tensor inside `obj` is finite."""
     return all(torch.isfinite(t).all() for t in tensors(obj).values() if t.is_floating_point())
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    """Poll until `path` exists (failing if the process ends first or time runs out)."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (code {proc.returncode}) before {path} appeared: {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{path} did not appear within {timeout} s")
-        time.sleep(0.02)
 
 
 @pytest.fixture

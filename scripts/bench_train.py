@@ -39,6 +39,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import repro.data.build as rb
 import repro.train as rt
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
@@ -116,7 +117,7 @@ def compose_config(args: argparse.Namespace, root: Path | None) -> DictConfig:
 
 
 def synthetic_tensors(n_train: int, n_val: int, size: int, classes: int) -> Callable[[DictConfig, str], ImageTensors]:
-    """A stand-in for `repro.train._tensors`: random uint8 images in memory (seeded), as CIFAR would be."""
+    """A stand-in for `repro.data.build._tensors`: random uint8 images in memory (seeded), as CIFAR would be."""
     names = [f"class{c}" for c in range(classes)]
 
     def make(cfg: DictConfig, split: str) -> ImageTensors:
@@ -144,12 +145,12 @@ def build_run(args: argparse.Namespace, device: torch.device, out: Path) -> tupl
         source += f", setup {time.perf_counter() - t0:.1f}s"
     else:
         source = f"synthetic random uint8 in memory ({args.limit} train images)"
-        real = rt._tensors
-        rt._tensors = synthetic_tensors(args.limit, max(args.batch_size, 256), 32, 10)
+        real = rb._tensors
+        rb._tensors = synthetic_tensors(args.limit, max(args.batch_size, 256), 32, 10)
         try:
             run = rt.setup(cfg, Dist(), device, out)
         finally:
-            rt._tensors = real
+            rb._tensors = real
     return run, source
 
 

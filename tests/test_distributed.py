@@ -17,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+import repro.data.build as build
 import repro.distributed as rd
 import repro.train as tr
 from common import FakeDDP, clean_env
@@ -333,5 +334,5 @@ def test_only_rank_0_draws_the_decoding_bar(tmp_path, monkeypatch, capfd, rank, 
         cfg = compose("train", overrides=["data=cifar10", f"data.root={tmp_path}", "data.num_workers=0",
                                           "trainer.progress=true", "name=bar"])
     capfd.readouterr()
-    assert len(tr._tensors(cfg, "trainval").labels) == 10
+    assert len(build._tensors(cfg, "trainval").labels) == 10
     assert ("decoding trainval" in capfd.readouterr().err) == drawn

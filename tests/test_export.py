@@ -160,7 +160,7 @@ def test_check_falls_back_to_random_inputs_without_shared_images(repro_export, t
     """Where ../shared/data is absent the check runs on seeded random inputs and export.json says so."""
     import repro.export
 
-    monkeypatch.setattr(repro.export, "CHECK_FOLDERS", {"imagenet": tmp_path / "none", "cifar": tmp_path / "none"})
+    monkeypatch.setattr(repro.export, "CHECK_FOLDERS", {"photos": tmp_path / "none", "cifar": tmp_path / "none"})
     r = repro_export("model=resnet20", f"export.out={tmp_path / 'r20.onnx'}", "export.check_count=5",
                      "hydra.run.dir=run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

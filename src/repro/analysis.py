@@ -22,8 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from repro.data import DataError, EvalViews, Normalize, Preprocessing, build_dataset, collate
-from repro.data.datasets import IN_MEMORY, Subset
-from repro.data.transforms import default_eval_size
+from repro.data.datasets import Subset, spec_of
 from repro.models import MODELS, create_model_from_config, load_weights
 from repro.models.resnet import CifarResNet
 from repro.models.weights import read_weights_file
@@ -136,9 +135,7 @@ def _default_split(config: dict[str, Any], data_cfg: dict[str, Any]) -> str:
 
 def _eval_views(model_cfg: dict[str, Any], data_cfg: dict[str, Any]) -> EvalViews:
     """The center view the run validated on: in-memory data (CIFAR, digits) as it is, else resize + center crop."""
-    if data_cfg["name"] in IN_MEMORY:
-        return EvalViews(["center"], resize=None, crop=None)
-    resize, crop = default_eval_size(model_cfg["resolution"])
+    resize, crop = spec_of(data_cfg["name"]).eval_size(model_cfg["resolution"])
     return EvalViews(["center"], resize=resize, crop=crop)
 
 
@@ -182,7 +179,7 @@ def checkpoint_response_stds(path: str | Path, data_root: str | Path | None = No
     if data_cfg is None:
         raise ValueError(f"{str(path)!r} carries no data config; pass a checkpoint written by repro-train")
     if data_root is not None:
-        if data_cfg["name"] in ("digits", "synthetic"):
+        if "root" not in data_cfg:
             raise ValueError(f"data={data_cfg['name']} reads no files, so data_root does not apply; leave it None")
         data_cfg["root"] = str(data_root)
         data_cfg.update({k: None for k in ("train_dir", "val_dir") if k in data_cfg})  # folder/imagenet: root wins

@@ -37,8 +37,7 @@ from repro.data import (
     build_dataset,
     collate,
 )
-from repro.data.datasets import IN_MEMORY, Subset
-from repro.data.transforms import default_eval_size
+from repro.data.datasets import Subset, spec_of
 from repro.distributed import (
     Dist,
     all_reduce_sum,
@@ -109,8 +108,7 @@ def resolve_inputs(cfg: DictConfig, stored: dict[str, Any]) -> tuple[dict, dict,
 
 def eval_views(cfg: DictConfig, model_cfg: dict, data_cfg: dict) -> EvalViews:
     """The protocols' views; sizes follow the model's resolution (CIFAR: the image itself) unless given."""
-    as_is = data_cfg["name"] in IN_MEMORY  # evaluated on the image itself, as repro-train does
-    auto_resize, auto_crop = (None, None) if as_is else default_eval_size(model_cfg["resolution"])
+    auto_resize, auto_crop = spec_of(data_cfg["name"]).eval_size(model_cfg["resolution"])  # as repro-train's
     resize = size_option("resize", cfg.eval.resize, auto_resize)
     crop = size_option("crop", cfg.eval.crop, auto_crop)
     return EvalViews(protocols=list(cfg.eval.protocols), resize=resize, crop=crop, scales=list(cfg.eval.scales),

@@ -43,7 +43,8 @@ EXTRA_INSTALL = "pip install -e '.[export]'"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 MAX_BATCH = 4096  # the dynamic batch dimension's upper bound
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
-CHECK_FOLDERS = {"imagenet": SHARED_DATA / "imagenet-sample", "cifar": SHARED_DATA / "cifar10-jpeg" / "test"}
+# The check's images: photos for ImageNet models, CIFAR-10 test images for the CIFAR nets.
+CHECK_FOLDERS = {"photos": SHARED_DATA / "imagenet-sample", "cifar": SHARED_DATA / "cifar10-jpeg" / "test"}
 NOISY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")  # an INFO line per rewritten initializer
 CHECK_BATCH = 8  # ONNX Runtime runs the check images in batches of this size (and the remainder)
 
@@ -207,7 +208,7 @@ def check_inputs(loaded: LoadedModel, source: Any, count: int) -> tuple[torch.Te
     """
     r = loaded.config["resolution"]
     if source == "auto":
-        folder = CHECK_FOLDERS["cifar" if is_cifar(loaded.config) else "imagenet"]
+        folder = CHECK_FOLDERS["cifar" if is_cifar(loaded.config) else "photos"]
         if not folder.is_dir():
             log.warning("no check images at %s: checking on %d random inputs instead", folder, count)
             x = torch.randn(count, 3, r, r, generator=torch.Generator().manual_seed(0))

@@ -216,6 +216,7 @@ def resnet_fig6(runs: list[RunRecord], path: Path) -> Plot:
 
 
 FIG7_MODELS = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")
+FIG7_DATASET = TABLES["resnet_table6"].dataset  # Fig. 7 measures the CIFAR nets of Table 6
 
 
 def fig7_checkpoints(runs: list[RunRecord]) -> dict[str, tuple[Path, str]]:
@@ -228,7 +229,7 @@ def fig7_checkpoints(runs: list[RunRecord]) -> dict[str, tuple[Path, str]]:
         if not ck.is_file():  # a committed run record (results/runs/...) keeps only the final weights
             ck = run.path / "model.pt"
         if (run.kind == "train" and run.metrics is not None and name in FIG7_MODELS and ck.is_file()
-                and run.dataset == "cifar10" and run.model.get("shortcut", "A") == "A"):
+                and run.dataset == FIG7_DATASET and run.model.get("shortcut", "A") == "A"):
             found[name] = (ck, run.split)
     return found
 

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE
 from repro.complexity import summarize
 from repro.config import DATA_SCHEMAS, MODEL_SCHEMAS, EvalOptions, RecipeConfig, TrainConfig, TrainerConfig
+from repro.data.datasets import SPECS
 from repro.models import create_model_from_config
 from repro.reference import RESULT_TABLES, PaperRow, PaperTable
 
@@ -694,11 +695,11 @@ def _fmt_value(v: Any) -> str:
 
 
 def reads_jpeg(run: RunRecord) -> bool:
-    """Did the run read CIFAR as JPEG re-encodings? Image folders of .jpg/.jpeg files where data.root exists
-    (torchvision's pickled batches are the original pixels), else a data.root whose name says jpeg/jpg."""
+    """Did the run read JPEG re-encodings of lossless originals (CIFAR)? Image folders of .jpg/.jpeg files where
+    data.root exists (torchvision's pickled batches are the original pixels), else a data.root named jpeg/jpg."""
     data = run.config.get("data", {})
-    root = data.get("root")
-    if not str(data.get("name", "")).startswith("cifar") or not root:
+    root, spec = data.get("root"), SPECS.get(str(data.get("name", "")))
+    if spec is None or not spec.jpeg_copies or not root:
         return False
     path = Path(root)
     if path.is_dir():
@@ -718,7 +719,8 @@ def data_notes(result: TableResult) -> list[str]:
     rows = [r.row.label for r in result.rows if any(reads_jpeg(run) for run in r.runs)]
     if not rows:
         return []
-    name = "CIFAR-100" if result.table.dataset == "cifar100" else "CIFAR-10"
+    dataset = result.table.dataset
+    name = SPECS[dataset].title if dataset in SPECS else dataset
     return [f"Data: our runs of {', '.join(rows)} read JPEG re-encodings of {name} (image folders), not the original "
             f"images; JPEG is lossy, so train and test images differ slightly from the paper's."]
 
@@ -789,9 +791,6 @@ def table_markdown(result: TableResult) -> str:
 
 # ------------------------------------------------------------------------------------------------ commands
 
-DATA_ROOTS = {"imagenet": "/path/to/imagenet", "cifar10": "/path/to/cifar10"}
-
-
 @cache
 def _sweep_params(experiment: str) -> dict[str, list[str]]:
     """The sweep of `configs/experiment/<experiment>.yaml`: key -> values as written."""
@@ -822,7 +821,7 @@ def reproduce_commands(result: TableResult) -> list[str]:
     missing = result.missing
     if not missing:
         return []
-    root = f"data.root={DATA_ROOTS.get(table.dataset, '/path/to/data')}"
+    root = f"data.root=/path/to/{table.dataset}"
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in missing:
         select = dict(row.select)

@@ -375,10 +375,10 @@ def check_eval_parity(ctx: Context) -> list[Check]:
     from torch.utils.data import DataLoader
 
     from repro.data import Normalize, ShardSampler, collate
+    from repro.data.build import build_data
     from repro.data.transforms import EvalViews
     from repro.distributed import Dist
     from repro.models import create_model_from_config
-    from repro.train import build_data
 
     # The digits test split and a ResNet-20 with the CPU training check's weights (or trained here, on the device).
     cfg = train_config([*cpu_train_overrides(ctx), "test_split=test"])
@@ -468,8 +468,9 @@ def device_batch(run: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def loader_rate(cfg: DictConfig, device: torch.device, batches: int) -> float:
     """Images per second the training loader delivers with cfg.data.num_workers workers."""
+    from repro.data.build import build_data
     from repro.distributed import Dist
-    from repro.train import batch_plan, build_data
+    from repro.train import batch_plan
 
     per = batch_plan(cfg, 1)["per_process"]
     data = build_data(cfg, cfg.model.resolution, per, Dist(), device)
@@ -487,6 +488,7 @@ def loader_rate(cfg: DictConfig, device: torch.device, batches: int) -> float:
 
 def check_throughput(ctx: Context) -> list[Check]:
     """Bare-step img/s beside loader img/s, and the loader workers the step needs."""
+    from repro.data.datasets import spec_of
     from repro.distributed import Dist
     from repro.train import setup
 
@@ -507,7 +509,7 @@ def check_throughput(ctx: Context) -> list[Check]:
     detail = (f"{cfg.model.name}, batch {len(y)}, amp {cfg.trainer.amp}: bare step {step_rate:.0f} img/s; loader "
               f"{rate:.0f} img/s with {workers or 'no'} worker processes ({one:.0f} img/s in one process): "
               f"~{need} workers keep up ({os.cpu_count()} CPUs)")
-    if cfg.data.name in ("digits", "cifar10", "cifar100"):
+    if spec_of(cfg.data.name).in_memory:
         detail += "; in-memory data, batches augmented on the device"
     return [Check("throughput", "pass", detail), check_device_batches(ctx), check_device_decode(ctx)]
 

@@ -42,11 +42,12 @@ from repro.cli import (
     unlock_all,
 )
 from repro.config import register_configs
-from repro.data import DataError, EvalViews, Normalize, Preprocessing, ShardSampler, build_dataset, collate
-from repro.data.datasets import DATASET_SPLITS, DATASETS, IN_MEMORY, ImageTensors, Subset, shared_images
-from repro.data.device_decode import DECODES, DeviceDecode, EncodedFiles
-from repro.data.loaders import BatchPadCrop, EpochSampler, SeededSamples, TensorBatches, sample_seed
-from repro.data.transforms import PROTOCOLS, PadCrop, RandomResizedCrop, ScaleAugCrop, default_eval_size
+from repro.data import DataError, EvalViews, Normalize, ShardSampler, collate
+from repro.data.build import TrainData, build_data, check_splits, crop_problem
+from repro.data.datasets import DATA_KEYS, DATASETS, SPECS, ImageTensors, spec_of
+from repro.data.device_decode import DECODES
+from repro.data.loaders import sample_seed
+from repro.data.transforms import PROTOCOLS
 from repro.distributed import (
     Dist,
     all_reduce_sum,
@@ -56,7 +57,6 @@ from repro.distributed import (
     export_slurm_env,
     gather_objects,
     init_distributed,
-    launched_rank,
     peer_lost,
     quiet_hydra_on_other_ranks,
     select_device,
@@ -77,126 +77,6 @@ class NonFiniteLoss(RuntimeError):
 
 class WriteError(RuntimeError):
     """A file of the run could not be written (disk full, read-only, ...); the message says what is kept."""
-
-
-# ------------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class TrainData:
-    """What the loop reads: the training batches, how to finish them on the device, the evaluation sets."""
-
-    loader: Any  # yields {"views": uint8 batch, "labels", ...}; has .sampler (EpochSampler)
-    batch_aug: nn.Module | None  # device-side augmentation of in-memory data (CIFAR pad/crop/flip)
-    preprocessing: Preprocessing
-    val: Any | None  # the per-epoch evaluation split (`val_split`), or None
-    test: Any | None  # the split of the final evaluation (`test_split`), or None
-    classes: list[str]
-    eval_size: tuple[int | None, int | None]  # (resize, crop) of the test views
-    decoder: DeviceDecode | None = None  # data.decode=gpu: the loader leaves JPEG bytes, decoded on the device
-    skipped: list[str] = field(default_factory=list)  # training files left out when decoded into memory (skip)
-
-
-def _tensors(cfg: DictConfig, split: str) -> ImageTensors:
-    """An in-memory split: digits, CIFAR arrays, or CIFAR image folders decoded once."""
-    ds = build_dataset(cfg.data, split)
-    base = ds.base if isinstance(ds, Subset) else ds
-    if isinstance(base, ImageTensors):
-        idx = torch.tensor(ds.indices) if isinstance(ds, Subset) else torch.arange(len(ds))
-        return ImageTensors(base.images[idx], list(ds.labels), ds.classes, list(ds.paths))
-    # Image folders (e.g. CIFAR as JPEGs): decode every image once, in parallel workers.
-    loader = DataLoader(ds, batch_size=512, num_workers=cfg.data.num_workers, collate_fn=collate)
-    chunks, labels, paths, skipped = [], [], [], []
-    hide = not cfg.trainer.progress or launched_rank() != 0  # one bar under torchrun: rank 0's
-    for batch in tqdm(loader, desc=f"decoding {split}", unit="batch", disable=hide):
-        for f in batch["failed"]:
-            if cfg.data.on_error == "raise":
-                raise DataError(f.message)
-            skipped.append((f.path, f.message))
-        if batch["views"] is None:  # every image of this chunk was unusable
-            continue
-        chunks.append(batch["views"])
-        labels += batch["labels"].tolist()
-        paths += [ds.paths[i] for i in batch["indices"].tolist()]
-    if skipped:
-        log.warning("%s: skipped %d unusable images of %d (data.on_error=skip; counted as skipped), e.g. %s",
-                    split, len(skipped), len(ds), skipped[0][1])
-    if not chunks:
-        raise DataError(f"no usable image in the {split} split of data={cfg.data.name} ({len(ds)} files, all "
-                        f"unusable), e.g. {skipped[0][1] if skipped else ''}")
-    return ImageTensors(torch.cat(chunks), labels, ds.classes, paths, skipped=skipped)
-
-
-def _file_transform(aug: Any, crop: int) -> Any:
-    """Per-sample uint8 training transform for images read from files."""
-    if aug.train == "scale_aug":
-        return ScaleAugCrop(crop, aug.min_size, aug.max_size, aug.flip)
-    if aug.train in ("inception", "mobilenet"):
-        return RandomResizedCrop(crop, tuple(aug.scale), flip=aug.flip)
-    if aug.train == "pad_crop":
-        return PadCrop(crop, aug.pad, aug.flip)
-    raise ValueError("recipe.augment.train=none needs an in-memory dataset (cifar10, cifar100, digits)")
-
-
-def _test_set(cfg: DictConfig, views: EvalViews, in_memory: bool) -> Any:
-    """The split evaluated at the end (`test_split`), or None; a missing one names `test_split=null` as a way out."""
-    try:
-        return _eval_set(cfg, cfg.test_split, views, in_memory)
-    except DataError as e:
-        raise DataError(f"test_split={cfg.test_split!r}: {e} (test_split=null reports the val split instead)"
-                        ) from None
-
-
-def _eval_set(cfg: DictConfig, split: str | None, views: EvalViews, in_memory: bool) -> Any:
-    """An evaluation split with test views (decoded into memory for small data), or None for null."""
-    if not split:
-        return None
-    if not in_memory:
-        return build_dataset(cfg.data, split, views)
-    ds = _tensors(cfg, split)
-    ds.transform = views
-    return ds
-
-
-def build_data(cfg: DictConfig, resolution: int, batch: int, d: Dist, device: torch.device) -> TrainData:
-    """Training loader (`batch` images per process), device augmentation, preprocessing and evaluation sets."""
-    aug = cfg.recipe.augment
-    crop = resolution if aug.crop == "auto" else aug.crop
-    small = cfg.data.name in IN_MEMORY
-    resize, eval_crop = (None, None) if small else default_eval_size(resolution)
-    views = EvalViews(["center"], resize=resize, crop=eval_crop)
-    mean_image, decoder = None, None
-    if small:
-        train = _tensors(cfg, cfg.train_split)
-        if aug.per_pixel_mean:  # ResNet §4.2: the training split's mean image, kept with the run
-            mean_image = train.images.float().mean(0) / 255.0
-        sampler = EpochSampler(len(train.labels), batch, cfg.seed, d.rank, d.world_size,
-                               multiple=cfg.trainer.grad_accum)
-        # The uint8 training set lives on the device (once), so a step copies nothing from the host.
-        loader: Any = TensorBatches(train.images.to(device), train.labels, sampler)
-        batch_aug = BatchPadCrop(crop, aug.pad, aug.flip).to(device) if aug.train == "pad_crop" else None
-        if aug.train not in ("pad_crop", "none"):
-            raise ValueError(f"recipe.augment.train={aug.train} is for image files; use pad_crop or none with "
-                             f"data={cfg.data.name}")
-        classes = train.classes
-    else:
-        if aug.per_pixel_mean:
-            raise ValueError("recipe.augment.per_pixel_mean needs an in-memory dataset (CIFAR); use mean/std")
-        transform = _file_transform(aug, crop)
-        base = build_dataset(cfg.data, cfg.train_split, transform)
-        if cfg.data.decode == "gpu":  # workers read bytes and draw each crop from the header; decoded on the GPU
-            base, decoder = EncodedFiles(base, transform), DeviceDecode(transform, device)
-        sampler = EpochSampler(len(base), batch, cfg.seed, d.rank, d.world_size, multiple=cfg.trainer.grad_accum)
-        workers = cfg.data.num_workers
-        loader = DataLoader(SeededSamples(base, cfg.seed), batch_size=batch, sampler=sampler, collate_fn=collate,
-                            num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
-                            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-        batch_aug, classes = None, base.classes
-    val = _eval_set(cfg, cfg.val_split, views, small)
-    test = _test_set(cfg, views, in_memory=small)
-    pre = Preprocessing(tuple(aug.mean), tuple(aug.std), mean_image)
-    skipped = [path for path, _ in train.skipped] if small else []
-    return TrainData(loader, batch_aug, pre, val, test, classes, (resize, eval_crop), decoder, skipped)
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -656,7 +536,7 @@ def check_config(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value is not None and not value > 0:
             fail(f"{key}={value} is not valid; it must be > 0")
-    splits = DATASET_SPLITS.get(cfg.data.name)
+    splits = spec_of(cfg.data.name).splits
     for key in ("train_split", "val_split", "test_split"):
         if splits is not None and cfg[key] is not None and cfg[key] not in splits:
             hint = "; test_split=null reports the val split instead" if key == "test_split" else ""
@@ -664,10 +544,11 @@ def check_config(cfg: DictConfig) -> None:
     bad = [p for p in cfg.final_protocols if p not in PROTOCOLS]
     if bad:
         fail(f"final_protocols {bad} not valid; choose from {list(PROTOCOLS)}")
-    if cfg.data.name in IN_MEMORY and set(cfg.final_protocols) - {"center"}:
+    if spec_of(cfg.data.name).in_memory and set(cfg.final_protocols) - {"center"}:
         fail(f"data={cfg.data.name} is evaluated on the image itself: final_protocols=[center] only")
-    if cfg.data.decode == "gpu" and cfg.data.name not in ("imagenet", "folder"):
-        fail(f"data.decode=gpu decodes training image files (data=imagenet or data=folder) on the GPU; "
+    if cfg.data.decode == "gpu" and not spec_of(cfg.data.name).folders:
+        folders = " or ".join(f"data={name}" for name, spec in SPECS.items() if spec.folders)
+        fail(f"data.decode=gpu decodes training image files ({folders}) on the GPU; "
              f"data={cfg.data.name} has none to decode there: use data.decode=cpu")
     if cfg.data.decode == "gpu" and cfg.trainer.device == "cpu":
         fail("data.decode=gpu needs a GPU (trainer.device=cuda or auto on a GPU machine); use data.decode=cpu")
@@ -682,62 +563,6 @@ def check_config(cfg: DictConfig) -> None:
             create_model_from_config(OmegaConf.to_container(cfg.model, resolve=True))
     except ValueError as e:
         fail(str(e))
-
-
-CIFAR_SIZE = 32
-
-
-def crop_problem(cfg: DictConfig) -> str | None:
-    """Why the training crop cannot be cut from the data's images (fixed-size data only), or None.
-
-    CIFAR and digits are evaluated on the image itself and trained on padded crops of it, so the model's
-    resolution (or recipe.augment.crop) must fit the image with its padding (model=resnet50 data=cifar10: 224 > 40).
-    """
-    name = cfg.data.name
-    if name not in IN_MEMORY and name != "synthetic":
-        return None  # image files of any size, resized
-    aug = cfg.recipe.augment
-    if name == "synthetic" and aug.train != "pad_crop":
-        return None  # resized crops fit any image
-    size = CIFAR_SIZE if name in ("cifar10", "cifar100") else int(cfg.data.image_size)
-    crop = cfg.model.resolution if aug.crop == "auto" else aug.crop
-    pad = aug.pad if aug.train == "pad_crop" else 0
-    if crop <= size + 2 * pad:
-        return None
-    what = f"model.resolution={crop}" if aug.crop == "auto" else f"recipe.augment.crop={crop}"
-    fix = (f"use a model made for {size}x{size} images (model=resnet20 ... resnet1202, plain20 ... plain110) or "
-           f"model.resolution={size}" if aug.crop == "auto" else f"set recipe.augment.crop={size}")
-    return (f"model={cfg.model.name} would train on {crop}x{crop} crops ({what}) but data={name}'s images are "
-            f"{size}x{size} ({size + 2 * pad} with the padding); {fix}")
-
-
-def check_splits(cfg: DictConfig) -> None:
-    """Refuse evaluation splits that hold training images (listed, not decoded), or no evaluation at all."""
-    if not cfg.val_split and not cfg.test_split:
-        raise ValueError("val_split=null and test_split=null leave nothing to evaluate; set test_split (reported at "
-                         "the end) or val_split")
-    if not cfg.val_split and cfg.recipe.schedule.name == "plateau":
-        raise ValueError("recipe.schedule.name=plateau decays on the validation error but val_split=null; set "
-                         "val_split to a held-out split")
-    for key in ("val_split", "test_split"):
-        split = cfg[key]
-        if not split:
-            continue
-        try:
-            shared, total = shared_images(cfg.data, split, cfg.train_split)
-        except DataError as e:
-            if key != "test_split":
-                raise
-            raise DataError(f"test_split={split!r}: {e} (test_split=null reports the val split instead)") from None
-        if not shared:
-            continue
-        if key == "val_split":
-            fix = ("use val_split=null (no per-epoch evaluation; the final weights are reported), or val_split=test "
-                   "where the protocol reports the test curve (ResNet Fig. 6)")
-        else:
-            fix = "choose a test split held out from training, or test_split=null"
-        raise DataError(f"{key}={split!r} shares {shared} of its {total} images with train_split={cfg.train_split!r} "
-                        f"(data={cfg.data.name}): its error would be measured on training images; {fix}")
 
 
 def batch_plan(cfg: DictConfig, world_size: int) -> dict[str, int]:
@@ -932,9 +757,6 @@ def timeout_message(run: Run, e: BaseException) -> str:
             f"lost it (a rank stopped, hung or died: SIGSTOP, a wedged GPU, a lost node) "
             f"[{str(e).strip().splitlines()[0][:160]}]; stopping. {kept_checkpoint(run)}; continue with "
             f"{run.resume_hint} once every rank runs, or raise trainer.dist_timeout_s if a step can take that long")
-
-
-DATA_KEYS = {"train_dir": ("folder", "imagenet"), "val_dir": ("folder", "imagenet")}  # keys of some datasets only
 
 
 def main() -> None:

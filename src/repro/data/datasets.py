@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from repro.data.digits import DIGIT_SPLITS
 from repro.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, is_image_file, load_image
+from repro.data.transforms import default_eval_size
 
 CIFAR_SPLITS = ("train", "val", "trainval", "test")
 FOLDER_SPLITS = ("train", "val")
@@ -206,9 +207,7 @@ def build_dataset(cfg: Any, split: str, transform: Callable[..., Any] | None = N
 
 def _build(cfg: Any, split: str, transform: Callable[..., Any] | None) -> Dataset:
     """build_dataset without the limit: the split checked against the dataset's spec, then built by it."""
-    spec = SPECS.get(cfg.name)
-    if spec is None:
-        raise DataError(f"data={cfg.name!r} is not valid; choose one of {list(SPECS)}")
+    spec = spec_of(cfg.name)
     if spec.splits is not None and split not in spec.splits:
         raise DataError(f"data.split={split!r} is not valid for data={cfg.name}; choose one of {list(spec.splits)}")
     return spec.build(cfg, split, transform)
@@ -290,30 +289,63 @@ def _build_cifar(cfg: Any, split: str, transform: Callable[..., Any] | None) -> 
     return ds
 
 
+IN_MEMORY_AUGMENTS = ("pad_crop", "none")  # batch-wise on the device, on the image as it is
+FILE_AUGMENTS = ("pad_crop", "scale_aug", "inception", "mobilenet")  # per image, in the loader workers
+FOLDER_KEYS = ("train_dir", "val_dir")  # data keys of the class-folder datasets only
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What a dataset is, said once: its splits, whether it lives in memory, how a split is built."""
+    """What a dataset is, said once; callers ask it instead of testing the dataset's name."""
 
     name: str
+    title: str  # how tables and notes name it
     splits: tuple[str, ...] | None  # the split names it has; None: any (synthetic)
     # Small datasets are decoded once into memory for training (augmented batch-wise on the device) and evaluated
     # on the image as it is (no resize, no crop); the others are read from files by loader workers.
     in_memory: bool
     build: Callable[[Any, str, Callable[..., Any] | None], Dataset]  # (data config, split, transform) -> dataset
+    image_size: int | None = None  # the side of every image where the dataset fixes it (CIFAR: 32)
+    # Class folders of image files of any size: data.train_dir / data.val_dir name them, data.decode=gpu applies.
+    folders: bool = False
+    identity: bool = True  # an image is the same file or array index in every split (synthetic: random, none)
+    jpeg_copies: bool = False  # its originals are lossless arrays; image folders of it are JPEG re-encodings
+
+    @property
+    def augments(self) -> tuple[str, ...]:
+        """The recipe.augment.train values it trains with."""
+        return IN_MEMORY_AUGMENTS if self.in_memory else FILE_AUGMENTS
+
+    def eval_size(self, resolution: int) -> tuple[int | None, int | None]:
+        """(resize, crop) of its default evaluation views: the image as it is in memory, else the papers' center."""
+        return (None, None) if self.in_memory else default_eval_size(resolution)
+
+    def image_side(self, cfg: Any) -> int | None:
+        """The side of every image (the dataset's or data.image_size), or None: image files of any size."""
+        if self.folders:
+            return None
+        return self.image_size or int(cfg.image_size)
 
 
 SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
-    DatasetSpec("imagenet", FOLDER_SPLITS, False, _build_folder),
-    DatasetSpec("folder", FOLDER_SPLITS, False, _build_folder),
-    DatasetSpec("cifar10", CIFAR_SPLITS, True, _build_cifar),
-    DatasetSpec("cifar100", CIFAR_SPLITS, True, _build_cifar),
-    DatasetSpec("synthetic", None, False, _build_synthetic),
-    DatasetSpec("digits", DIGIT_SPLITS, True, _build_digits),
+    DatasetSpec("imagenet", "ImageNet", FOLDER_SPLITS, False, _build_folder, folders=True),
+    DatasetSpec("folder", "image folders", FOLDER_SPLITS, False, _build_folder, folders=True),
+    DatasetSpec("cifar10", "CIFAR-10", CIFAR_SPLITS, True, _build_cifar, image_size=32, jpeg_copies=True),
+    DatasetSpec("cifar100", "CIFAR-100", CIFAR_SPLITS, True, _build_cifar, image_size=32, jpeg_copies=True),
+    DatasetSpec("synthetic", "synthetic images", None, False, _build_synthetic, identity=False),
+    DatasetSpec("digits", "digits", DIGIT_SPLITS, True, _build_digits),
 )}
-# Views of the specs, for the callers that ask one question.
 DATASETS = tuple(SPECS)
-IN_MEMORY = tuple(name for name, spec in SPECS.items() if spec.in_memory)
-DATASET_SPLITS = {name: spec.splits for name, spec in SPECS.items() if spec.splits is not None}
+# data.KEY -> the datasets that have it (sorted), for the message when another dataset is given it.
+DATA_KEYS = {key: tuple(sorted(n for n, s in SPECS.items() if s.folders)) for key in FOLDER_KEYS}
+
+
+def spec_of(name: str) -> DatasetSpec:
+    """The spec of dataset `name`; an unknown name is refused with the valid choices."""
+    spec = SPECS.get(name)
+    if spec is None:
+        raise DataError(f"data={name!r} is not valid; choose one of {list(SPECS)}")
+    return spec
 
 
 def shared_images(cfg: Any, split: str, train_split: str) -> tuple[int, int]:
@@ -323,7 +355,7 @@ def shared_images(cfg: Any, split: str, train_split: str) -> tuple[int, int]:
     training folder) or the same index of the same array (CIFAR's carved val inside trainval, digits).
     Synthetic data has no identity across splits and is never compared.
     """
-    if cfg.name == "synthetic":
+    if not spec_of(cfg.name).identity:
         return 0, 0
     train, other = _build(cfg, train_split, None), _build(cfg, split, None)
     train_paths = set(train.paths)

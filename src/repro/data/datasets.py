@@ -1,5 +1,7 @@
 """Datasets: ImageNet and any class-folder tree, CIFAR-10/100 (torchvision files or image folders), synthetic.
 
+What a dataset is (its splits, whether it lives in memory, its evaluation views, how it is built, ...) is said
+once, in its `DatasetSpec` in `SPECS`: code outside data/ asks `spec_of(name)` instead of testing the name.
 Every dataset yields `(views, label, index)`; an image that cannot be used yields a `Failed` record instead of
 raising inside a worker, so the main process can stop with a clear message or skip and count it.
 """
@@ -305,7 +307,7 @@ class DatasetSpec:
     # on the image as it is (no resize, no crop); the others are read from files by loader workers.
     in_memory: bool
     build: Callable[[Any, str, Callable[..., Any] | None], Dataset]  # (data config, split, transform) -> dataset
-    image_size: int | None = None  # the side of every image where the dataset fixes it (CIFAR: 32)
+    image_size: int | None = None  # the side of every image where the dataset fixes it (CIFAR 32; else data.image_size)
     # Class folders of image files of any size: data.train_dir / data.val_dir name them, data.decode=gpu applies.
     folders: bool = False
     identity: bool = True  # an image is the same file or array index in every split (synthetic: random, none)

@@ -311,9 +311,9 @@ def test_lr_scales_with_global_batch(make_run, overrides, lr, per_process, steps
 
 def test_default_run_length(make_run):
     """The embedded default: 15 epochs of floor(1257 / 64) = 19 steps; max_epochs and max_steps shorten it."""
-    assert make_run().total_steps == 15 * 19
-    assert make_run("trainer.max_epochs=2").total_steps == 2 * 19
-    assert make_run("trainer.max_epochs=2", "trainer.max_steps=7").total_steps == 7
+    assert make_run().run.total_steps == 15 * 19
+    assert make_run("trainer.max_epochs=2").run.total_steps == 2 * 19
+    assert make_run("trainer.max_epochs=2", "trainer.max_steps=7").run.total_steps == 7
 
 
 # -------------------------------------------------------------------------------------------- optimizers

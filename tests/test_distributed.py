@@ -130,6 +130,7 @@ def test_resume_gives_each_rank_its_own_rng_state(tmp_path, monkeypatch):
     assert [torch.equal(a["torch"], b["torch"]) for a, b in zip(ck["rng_ranks"], states)] == [True, True]
     last = run.run.out / "checkpoints" / "last.pt"
     save_atomic(ck, last)
+    torch.manual_seed(0)  # a state of neither rank's
     assert resume(last, run.state, run.run.cfg, run.run.dist, CPU)
     assert torch.equal(torch.get_rng_state(), states[1]["torch"])  # its own, not rank 0's
     # Saved on 3 ranks, resumed on 2: rank 1 neither repeats rank 0's stream nor keeps today's.

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from common import FakeDDP, clean_env
+from repro.checkpoint import resume
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.data import build_dataset
@@ -292,6 +293,42 @@ def test_best_checkpoint_holds_the_best_validation_epoch(tmp_path):
     assert digits_error(run, "val", ck["model"]) == pytest.approx(errs[best], abs=0.6)
     last = torch.load(run.run.out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert all(torch.equal(last["model"][n], v) for n, v in watch.weights[-1].items())
+
+
+# ------------------------------------------------------------------------------------------ stop and resume
+def test_stop_mid_epoch_and_resume_is_bit_identical(tmp_path):
+    """A run stopped at step 3 of a 39-step epoch (the signal path: last.pt written, fit returns) and resumed from
+    last.pt in a fresh set-up ends with the weights, optimizer state and metrics of a run left alone, bit for bit.
+    PCA lighting draws from torch's generator at every step, so the generator's state must come back too."""
+    args = ("recipe.batch_size=32", "trainer.max_steps=6", "recipe.augment.lighting=0.1", "val_split=null")
+    runs: list[Training] = []  # each set up just before it trains (set-up seeds the process's generators)
+    steps = []
+
+    def signal_at_step_3(opt: Any, a: Any, k: Any) -> None:
+        steps.append(1)
+        if len(steps) == 3:
+            cut.run.stop_signal = "SIGTERM"  # what the signal handler sets
+
+    try:
+        runs.append(whole := make_run(tmp_path, *args))
+        fit(whole)
+        runs.append(cut := make_run(tmp_path, *args))
+        cut.state.optimizer.register_step_post_hook(signal_at_step_3)
+        fit(cut)
+        p = cut.state.progress
+        assert (p.step, p.epoch, p.batch) == (3, 0, 3) and not (cut.run.out / "metrics.json").exists()
+        runs.append(again := make_run(tmp_path, *args))
+        assert resume(cut.run.out / "checkpoints" / "last.pt", again.state, again.run.cfg, again.run.dist, CPU)
+        assert again.state.progress.step == 3
+        fit(again)
+    finally:
+        close(*runs)
+    a, b = whole.state.model.state_dict(), again.state.model.state_dict()
+    assert [n for n in a if not torch.equal(a[n], b[n])] == []
+    ma, mb = (whole.state.optimizer.state_dict()["state"], again.state.optimizer.state_dict()["state"])
+    assert all(torch.equal(ma[i]["momentum_buffer"], mb[i]["momentum_buffer"]) for i in ma)
+    metrics = [json.loads((r.run.out / "metrics.json").read_text()) for r in (whole, again)]
+    assert metrics[0]["center"] == metrics[1]["center"] and metrics[1]["steps"] == 6
 
 
 # ---------------------------------------------------------------------------------------------- sync_bn

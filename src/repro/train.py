@@ -1,7 +1,10 @@
 """`repro-train`: train a model with a paper's recipe, on CPU, one GPU, or many under torchrun.
 
-One loop: `train_one_epoch` (device-side augmentation, AMP, accumulation, checkpoints) and `evaluate`
-(repro.engine). Everything a run writes goes under its run dir `outputs/train/<name>/`.
+`setup` builds a `Training`: the model a step calls, the loss, the device-side normalization, the `TrainState`
+checkpoints hold (repro.checkpoint), the data, the step's `Numerics` and the `Run` (config, processes, run dir,
+length, stop flags). `fit` runs `train_one_epoch` (device-side augmentation, AMP, accumulation), evaluation
+(`evaluate`, repro.engine) and checkpoints to the run's length. Everything a run writes goes under its run dir
+`outputs/train/<name>/`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
                                   [--batch-size 128] [--threads N] [--device cpu|cuda] [--json FILE]
 
 The run is built exactly as `repro-train model=resnet20 data=cifar10 recipe=resnet_cifar` builds it: the
-Hydra config is composed from the project's configs and `repro.train.setup` makes the Run (in-memory uint8
+Hydra config is composed from the project's configs and `repro.train.setup` makes the Training (in-memory uint8
 images, TensorBatches, BatchPadCrop, per-pixel-mean Normalize, SGD). Two measurements, on the same model and
 optimizer:
 
@@ -130,8 +130,8 @@ def synthetic_tensors(n_train: int, n_val: int, size: int, classes: int) -> Call
     return make
 
 
-def build_run(args: argparse.Namespace, device: torch.device, out: Path) -> tuple[rt.Run, str]:
-    """The project's Run (repro.train.setup) over real CIFAR JPEGs or synthetic in-memory data; and which."""
+def build_run(args: argparse.Namespace, device: torch.device, out: Path) -> tuple[rt.Training, str]:
+    """The project's Training (repro.train.setup) over real CIFAR JPEGs or synthetic in-memory data; and which."""
     use_real = not args.synthetic and args.root.is_dir()
     if not args.synthetic and not use_real:
         print(f"bench_train: {str(args.root)!r} not found; using synthetic in-memory data (pass --root DIR)",
@@ -163,55 +163,55 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def full_steps(run: rt.Run, steps: int) -> float:
+def full_steps(run: rt.Training, steps: int) -> float:
     """Seconds for `steps` optimizer steps of repro.train.train_one_epoch (crossing epochs when needed)."""
-    target = run.progress.step + steps
-    run.total_steps = target
-    sync(run.device)
+    target = run.state.progress.step + steps
+    run.run.total_steps = target
+    sync(run.run.device)
     t0 = time.perf_counter()
-    while run.progress.step < target:
-        rt.train_one_epoch(run)
-    sync(run.device)
+    while run.state.progress.step < target:
+        run.epoch()
+    sync(run.run.device)
     return time.perf_counter() - t0
 
 
-def bare_batch(run: rt.Run) -> tuple[torch.Tensor, torch.Tensor]:
+def bare_batch(run: rt.Training) -> tuple[torch.Tensor, torch.Tensor]:
     """One training batch already augmented and normalized on the device (float, in the training layout)."""
     batch = next(iter(run.data.loader))
-    x = batch["views"].to(run.device)
+    x = batch["views"].to(run.run.device)
     if run.data.batch_aug is not None:
-        x = run.data.batch_aug(x, sample_seed(run.cfg.seed, 0, 0))
+        x = run.data.batch_aug(x, sample_seed(run.run.cfg.seed, 0, 0))
     with torch.no_grad():
         x = run.normalize(x)
-    if run.cfg.trainer.channels_last:
+    if run.run.cfg.trainer.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x.clone(), batch["labels"].to(run.device)
+    return x.clone(), batch["labels"].to(run.run.device)
 
 
-def bare_step(run: rt.Run, x: torch.Tensor, y: torch.Tensor) -> None:
+def bare_step(run: rt.Training, x: torch.Tensor, y: torch.Tensor) -> None:
     """Forward, loss, backward and the optimizer step of the run's own model (same autocast as training)."""
-    dtype = run.amp_dtype
-    with torch.autocast(run.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    dtype = run.numerics.amp_dtype
+    with torch.autocast(run.run.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         loss = run.criterion(run.model(x).float(), y)
     loss.backward()
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.state.optimizer.step()
+    run.state.optimizer.zero_grad(set_to_none=True)
 
 
-def bare_steps(run: rt.Run, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+def bare_steps(run: rt.Training, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
     """Seconds for `steps` bare steps."""
     run.model.train()
-    sync(run.device)
+    sync(run.run.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         bare_step(run, x, y)
-    sync(run.device)
+    sync(run.run.device)
     return time.perf_counter() - t0
 
 
-def stage_breakdown(run: rt.Run, steps: int) -> dict[str, float]:
+def stage_breakdown(run: rt.Training, steps: int) -> dict[str, float]:
     """Mean ms per step of each stage of the loader path before the model, as train_one_epoch runs them."""
-    dev, seed = run.device, run.cfg.seed
+    dev, seed = run.run.device, run.run.cfg.seed
     totals = {"loader (TensorBatches)": 0.0, ".to(device)": 0.0, "BatchPadCrop": 0.0, "Normalize": 0.0}
     run.normalize.train()
     sampler = run.data.loader.sampler
@@ -236,7 +236,7 @@ def stage_breakdown(run: rt.Run, steps: int) -> dict[str, float]:
             t4 = time.perf_counter()
             for key, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 totals[key] += dt
-    sampler.set_epoch(run.progress.epoch, run.progress.batch)
+    sampler.set_epoch(run.state.progress.epoch, run.state.progress.batch)
     return {k: 1000.0 * v / n for k, v in totals.items()}
 
 
@@ -274,13 +274,12 @@ def main(argv: list[str] | None = None) -> None:
         try:
             results = measure(run, args)
         finally:
-            if run.writer is not None:
-                run.writer.close()
+            run.close()
     info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     report(args, info, source, run, results)
 
 
-def measure(run: rt.Run, args: argparse.Namespace) -> dict[str, Any]:
+def measure(run: rt.Training, args: argparse.Namespace) -> dict[str, Any]:
     """Warm-up, then `rounds` interleaved bare/full passes and the loader-path breakdown."""
     x, y = bare_batch(run)
     bare_steps(run, x, y, args.warmup)
@@ -313,7 +312,7 @@ def fmt(values: list[float], digits: int = 1) -> str:
     return " ".join(f"{v:.{digits}f}" for v in values)
 
 
-def report(args: argparse.Namespace, info: dict[str, Any], source: str, run: rt.Run, res: dict[str, Any]) -> None:
+def report(args: argparse.Namespace, info: dict[str, Any], source: str, run: rt.Training, res: dict[str, Any]) -> None:
     """Print machine info, the table and the breakdown; write --json."""
     bare_med, full_med = statistics.median(res["bare_img_s"]), statistics.median(res["full_img_s"])
     ratio = statistics.median(res["ratios"])
@@ -322,8 +321,9 @@ def report(args: argparse.Namespace, info: dict[str, Any], source: str, run: rt.
     busy = info["cpu_busy_before"]
     print(f"load: CPUs {'?' if busy is None else f'{100 * busy:.0f}%'} busy before the run (other processes); "
           f"load average start {fmt(info['loadavg_start'] or [], 2)}, end {fmt(info['loadavg_end'] or [], 2)}")
-    print(f"model: {run.cfg.model.name}, recipe {run.cfg.recipe.name}, device {run.device}, batch {args.batch_size}, "
-          f"amp {run.amp_dtype}, {args.steps} steps x {args.rounds} rounds (warm-up {args.warmup})")
+    cfg = run.run.cfg
+    print(f"model: {cfg.model.name}, recipe {cfg.recipe.name}, device {run.run.device}, batch {args.batch_size}, "
+          f"amp {run.numerics.amp_dtype}, {args.steps} steps x {args.rounds} rounds (warm-up {args.warmup})")
     print(f"data: {source}; {run.data.loader.sampler.length} training images, "
           f"{run.data.loader.sampler.batches} batches/epoch")
     print()
@@ -342,14 +342,14 @@ def report(args: argparse.Namespace, info: dict[str, Any], source: str, run: rt.
     stages = sum(res["stages_ms"].values())
     print(f"  {'total':<26}{stages:8.2f}")
     print(f"ratio implied by these stages alone: bare / (bare + stages) = {res['implied_ratio']:.3f}")
-    if run.device.type == "cpu":
+    if run.run.device.type == "cpu":
         low = " (well below 100%: other processes took the cores)" if res["cpu_share"] < 0.8 else ""
         print(f"CPU share during the timed rounds: {100 * res['cpu_share']:.0f}% of {info['threads']} thread(s){low}")
-    if (busy is not None and busy > 0.25) or (run.device.type == "cpu" and res["cpu_share"] < 0.8):
+    if (busy is not None and busy > 0.25) or (run.run.device.type == "cpu" and res["cpu_share"] < 0.8):
         print("note: other processes were using the CPUs: rates are disturbed (multi-threaded ops most); compare "
               "the ratios rather than absolute rates, or try --threads 1")
     if args.json:
-        out = {"machine": info, "data": source, "model": run.cfg.model.name, "device": str(run.device),
+        out = {"machine": info, "data": source, "model": run.run.cfg.model.name, "device": str(run.run.device),
                "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
                "bare_img_s_median": bare_med, "full_img_s_median": full_med, "ratio_median": ratio,
                "target": TARGET, **res}

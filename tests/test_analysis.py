@@ -223,7 +223,7 @@ def test_sorted_stds_descending():
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory) -> Path:
     """checkpoints/last.pt written by repro-train's own setup/train_one_epoch/save: resnet20, 2 steps on digits."""
-    from repro.train import save, setup, train_one_epoch
+    from repro.train import setup, write_checkpoint
 
     out = tmp_path_factory.mktemp("train")
     register_configs()
@@ -232,11 +232,11 @@ def trained_checkpoint(tmp_path_factory) -> Path:
                                           "recipe.batch_size=32"])
     run = setup(cfg, Dist(), CPU, out)
     try:
-        train_one_epoch(run)
-        save(run, "last")
+        run.epoch()
+        write_checkpoint("last", run.state, run.data, run.run)
     finally:
-        run.writer.close()
-    assert run.progress.step == 2
+        run.close()
+    assert run.state.progress.step == 2
     return out / "checkpoints" / "last.pt"
 
 

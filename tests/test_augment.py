@@ -20,7 +20,7 @@ from repro.config import register_configs
 from repro.data import transforms
 from repro.data.transforms import Lighting, Normalize, Preprocessing, RandomResizedCrop, ScaleAugCrop
 from repro.distributed import Dist
-from repro.train import check_config, fit, setup, train_one_epoch
+from repro.train import check_config, fit, setup
 
 CPU = torch.device("cpu")
 # Tiny models: one thread (oneDNN's spinning threads cost 10-50x on a loaded 2-core machine).
@@ -245,16 +245,17 @@ def test_two_steps_from_image_files_with_each_recipes_augmentation(tmp_path, rec
         assert first.shape == (3, 32, 32) and torch.equal(first, run.data.loader.dataset[(0, 3)][0])
         assert not torch.equal(first, run.data.loader.dataset[(1, 3)][0])  # another epoch, another crop
         inputs = []
-        run.raw.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()) if m.training else None)
+        run.state.model.register_forward_pre_hook(
+            lambda m, a: inputs.append(a[0].detach().clone()) if m.training else None)
         fit(run)
     finally:
-        run.writer.close()
+        run.close()
     assert len(inputs) == 2 and all(x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 for x in inputs)
     pre = run.data.preprocessing
     pixels = torch.stack(inputs) * torch.tensor(pre.std).view(3, 1, 1) + torch.tensor(pre.mean).view(3, 1, 1)
     assert -0.5 < pixels.min() and pixels.max() < 1.6 and pixels.max() > 0.6  # [0, 1] pixels (+ jitter, light)
-    assert run.progress.step == 2
-    metrics = (run.out / "metrics.json").read_text()
+    assert run.state.progress.step == 2
+    metrics = (run.run.out / "metrics.json").read_text()
     assert '"images": 4' in metrics
 
 
@@ -299,13 +300,13 @@ def test_cifar_training_batches_are_pad_crops_of_the_files(tmp_path):
                 windows[crop.flip(-1).numpy().tobytes()] = (i, top, left, True)
     run = setup(cfg, Dist(), CPU, tmp_path / "run")
     inputs, targets = [], []
-    run.raw.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
+    run.state.model.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
     run.criterion.register_forward_pre_hook(lambda m, a: targets.append(a[1].clone()))
     try:
-        train_one_epoch(run)
+        run.epoch()
     finally:
-        run.writer.close()
-    assert run.progress.step == 2 and len(inputs) == 2
+        run.close()
+    assert run.state.progress.step == 2 and len(inputs) == 2
     x, y = torch.cat(inputs).double(), torch.cat(targets)
     assert x.shape == (128, 3, 32, 32)
     pixels = (x + mean_image) * 255.0  # undo the mean and the scale: the window's uint8 pixels

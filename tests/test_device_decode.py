@@ -23,7 +23,7 @@ from repro.data.device_decode import DeviceDecode, EncodedFiles, jpeg_size
 from repro.data.loaders import SeededSamples
 from repro.data.transforms import PadCrop, RandomResizedCrop, ScaleAugCrop
 from repro.distributed import Dist
-from repro.train import check_config, setup, train_one_epoch
+from repro.train import check_config, setup
 
 CPU = torch.device("cpu")
 TRANSFORMS = {"scale_aug": ScaleAugCrop(64, 72, 128), "inception": RandomResizedCrop(64, (0.08, 1.0)),
@@ -165,12 +165,12 @@ def test_two_steps_with_device_decode_equal_cpu_decode(tmp_path):
         run = setup(cfg, Dist(), CPU, tmp_path / decode)
         assert (run.data.decoder is not None) == (decode == "gpu")
         seen = inputs[decode] = []
-        run.raw.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].detach().clone()))
+        run.state.model.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].detach().clone()))
         try:
-            train_one_epoch(run)
+            run.epoch()
         finally:
-            run.writer.close()
-        assert run.progress.step == 2
+            run.close()
+        assert run.state.progress.step == 2
     assert len(inputs["gpu"]) == 2 and len(files.paths) >= 16
     for a, b in zip(inputs["cpu"], inputs["gpu"]):
         assert torch.equal(a, b)

@@ -21,6 +21,7 @@ import repro.data.build as build
 import repro.distributed as rd
 import repro.train as tr
 from common import FakeDDP, clean_env
+from repro.checkpoint import NonFiniteLoss, checkpoint, resume, rng_state, save_atomic
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.data import Normalize, Preprocessing
@@ -66,18 +67,17 @@ class OtherRank:
             t += self.other(t)
 
 
-def two_rank_run(tmp_path: Path, rank: int, *overrides: str) -> tr.Run:
+def two_rank_run(tmp_path: Path, rank: int, *overrides: str) -> tr.Training:
     """setup() of rank `rank` of 2 (DDP faked by OtherRank)."""
     out = tmp_path / f"run{rank}-{len(list(tmp_path.glob('run*')))}"
     out.mkdir()
     return tr.setup(config(*overrides), Dist(rank=rank, world_size=2), CPU, out)
 
 
-def close(*runs: tr.Run) -> None:
+def close(*runs: tr.Training) -> None:
     """Close the runs' TensorBoard writers."""
     for run in runs:
-        if run.writer is not None:
-            run.writer.close()
+        run.close()
 
 
 # ---------------------------------------------------------------------------- 1. collectives' device
@@ -126,15 +126,17 @@ def test_resume_gives_each_rank_its_own_rng_state(tmp_path, monkeypatch):
     states = []
     for s in (11, 22):
         torch.manual_seed(s)
-        states.append(tr.rng_state(CPU))
-    ck = tr.checkpoint(run, states)
+        states.append(rng_state(CPU))
+    ck = checkpoint(run.state, run.run.cfg, run.data.preprocessing, run.run.commit, states)
     assert [torch.equal(a["torch"], b["torch"]) for a, b in zip(ck["rng_ranks"], states)] == [True, True]
-    tr.save_atomic(ck, run.out / "checkpoints" / "last.pt")
-    assert tr.resume(run)
+    last = run.run.out / "checkpoints" / "last.pt"
+    save_atomic(ck, last)
+    torch.manual_seed(0)  # a state of neither rank's
+    assert resume(last, run.state, run.run.cfg, run.run.dist, CPU)
     assert torch.equal(torch.get_rng_state(), states[1]["torch"])  # its own, not rank 0's
     # Saved on 3 ranks, resumed on 2: rank 1 neither repeats rank 0's stream nor keeps today's.
-    tr.save_atomic(tr.checkpoint(run, [*states, states[0]]), run.out / "checkpoints" / "last.pt")
-    assert tr.resume(run)
+    save_atomic(checkpoint(run.state, run.run.cfg, run.data.preprocessing, run.run.commit, [*states, states[0]]), last)
+    assert resume(last, run.state, run.run.cfg, run.run.dist, CPU)
     assert not torch.equal(torch.get_rng_state(), states[0]["torch"])
     assert not torch.equal(torch.get_rng_state(), states[1]["torch"])
 
@@ -176,9 +178,9 @@ def test_warmup_ends_on_the_global_training_error(tmp_path, monkeypatch):
                        "recipe.schedule.name=constant", "recipe.schedule.warmup_lr=0.05",
                        "recipe.schedule.warmup_until_train_err=80", "trainer.checkpoint_every_s=null")
     lrs: list[float] = []
-    run.optimizer.register_step_pre_hook(lambda opt, a, k: lrs.append(opt.param_groups[0]["lr"]))
+    run.state.optimizer.register_step_pre_hook(lambda opt, a, k: lrs.append(opt.param_groups[0]["lr"]))
     try:
-        tr.train_one_epoch(run)
+        run.epoch()
     finally:
         close(run)
     assert lrs == pytest.approx([0.05, 0.1, 0.1])  # 0.1: the recipe's lr at the global batch 64
@@ -190,8 +192,8 @@ def test_a_nonfinite_loss_on_another_rank_stops_this_one(tmp_path, monkeypatch):
               if t.numel() == 4 else torch.zeros_like(t))
     run = two_rank_run(tmp_path, 0, "recipe.batch_size=64", "trainer.max_steps=3")
     try:
-        with pytest.raises(tr.NonFiniteLoss, match="the training loss is nan at step 1"):
-            tr.train_one_epoch(run)
+        with pytest.raises(NonFiniteLoss, match="the training loss is nan at step 1"):
+            run.epoch()
     finally:
         close(run)
 
@@ -207,15 +209,15 @@ def test_an_epoch_is_a_whole_number_of_optimizer_steps(tmp_path):
     assert full % 2 == 1  # the case the rule is for
     forwards: list[int] = []
     steps: list[int] = []
-    run.raw.register_forward_hook(lambda m, a, o: forwards.append(1) if m.training else None)
-    run.optimizer.register_step_pre_hook(lambda opt, a, k: steps.append(len(forwards)))
+    run.state.model.register_forward_hook(lambda m, a, o: forwards.append(1) if m.training else None)
+    run.state.optimizer.register_step_pre_hook(lambda opt, a, k: steps.append(len(forwards)))
     try:
-        tr.train_one_epoch(run)
+        run.epoch()
     finally:
         close(run)
-    assert run.data.loader.sampler.batches == full - 1 and run.steps_per_epoch == (full - 1) // 2
+    assert run.data.loader.sampler.batches == full - 1 and run.run.steps_per_epoch == (full - 1) // 2
     assert steps == [2 * (i + 1) for i in range(len(steps))] and len(forwards) == 2 * len(steps)
-    assert (run.progress.epoch, run.progress.batch) == (1, 0)
+    assert (run.state.progress.epoch, run.state.progress.batch) == (1, 0)
 
 
 # ------------------------------------------------------------------------------- 9. per-rank streams
@@ -228,14 +230,14 @@ def test_ranks_share_initial_weights_but_not_random_streams(tmp_path, monkeypatc
         runs.append(two_rank_run(tmp_path, r, "recipe.batch_size=64", "trainer.max_steps=2"))
         streams.append(torch.get_rng_state())
     close(*runs)
-    for n, v in runs[0].raw.state_dict().items():
-        assert torch.equal(v, runs[1].raw.state_dict()[n]), n
+    for n, v in runs[0].state.model.state_dict().items():
+        assert torch.equal(v, runs[1].state.model.state_dict()[n]), n
     seeds: list[list[int]] = []
     for run in runs:
         mine: list[int] = []
         seeds.append(mine)
         run.data.batch_aug = lambda x, seed, mine=mine: mine.append(seed) or x
-        tr.train_one_epoch(run)
+        run.epoch()
     assert not torch.equal(streams[0], streams[1])
     assert seeds[0] == [sample_seed(0, 0, b) for b in range(2)]
     assert len(seeds[1]) == 2 and not set(seeds[0]) & set(seeds[1])
@@ -246,10 +248,10 @@ def test_evaluation_is_fp32_under_autocast_training(tmp_path):
     """trainer.amp=bf16 trains under autocast, but per-epoch evaluation runs fp32 (trainer.eval_precision)."""
     run = tr.setup(config("recipe.batch_size=32", "trainer.max_steps=1", "trainer.amp=bf16"), Dist(), CPU, tmp_path)
     dtypes: dict[bool, set[torch.dtype]] = {True: set(), False: set()}
-    conv = next(m for m in run.raw.modules() if isinstance(m, nn.Conv2d))
+    conv = next(m for m in run.state.model.modules() if isinstance(m, nn.Conv2d))
     conv.register_forward_hook(lambda m, a, out: dtypes[m.training].add(out.dtype))
     try:
-        tr.train_one_epoch(run)
+        run.epoch()
         tr.validate(run, run.data.val)
     finally:
         close(run)
@@ -274,9 +276,10 @@ def test_checkpoints_on_a_time_interval_read_git_once(tmp_path, monkeypatch):
                           "trainer.checkpoint_every=1000", "val_split=null", "test_split=test"), Dist(), CPU, tmp_path)
     saved: list[int] = []
     save = tr.save
-    monkeypatch.setattr(tr, "save", lambda r, name: saved.append(r.progress.step) or save(r, name))
+    monkeypatch.setattr(tr, "save", lambda out, name, state, *a: saved.append(state.progress.step) or
+                        save(out, name, state, *a))
     try:
-        tr.train_one_epoch(run)
+        run.epoch()
     finally:
         close(run)
     assert saved == [1, 2, 3] and len(calls) == 1

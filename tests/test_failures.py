@@ -20,12 +20,12 @@ from PIL import Image
 from torchvision.io import write_png
 
 from common import clean_env, wait_for
+from repro.checkpoint import WriteError, save_atomic
 from repro.cli import LOCK_FILE, lock_run_dir, unlock_run_dir
 from repro.data.datasets import ImageFiles
 from repro.data.images import ImageError, decode
 from repro.data.transforms import PadCrop
 from repro.models import create_model
-from repro.train import WriteError, save_atomic
 from repro.train import main as train_main
 
 QUICK = ("trainer.progress=false",)

@@ -15,12 +15,13 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from common import FakeDDP, clean_env
+from repro.checkpoint import resume
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.data import build_dataset
 from repro.distributed import Dist
 from repro.models import create_model_from_config
-from repro.train import Run, check_config, fit, setup, train_one_epoch
+from repro.train import Training, check_config, fit, setup
 
 CPU = torch.device("cpu")
 # Tiny models: one thread (oneDNN's spinning threads cost 10-50x on a loaded 2-core machine).
@@ -30,7 +31,7 @@ DIGITS_MEAN = 0.5  # the digits recipe normalizes with mean 0.5, std 0.5
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def make_run(tmp_path: Path, *overrides: str) -> Run:
+def make_run(tmp_path: Path, *overrides: str) -> Training:
     """setup() of repro-train (digits at 16 x 16, CPU) on a composed config."""
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -46,7 +47,7 @@ class Watch:
     """Records what the loop does, without changing it: each training forward's logits and its labels, the
     loss handed to the grad scaler, the lr and weights at each optimizer step, a convolution's output dtype."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Training) -> None:
         self.logits: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.losses: list[torch.Tensor] = []
@@ -54,13 +55,14 @@ class Watch:
         self.lrs: list[float] = []
         self.weights: list[dict[str, torch.Tensor]] = []
         self.conv_dtypes: list[torch.dtype] = []
-        run.raw.register_forward_hook(self._forward)
-        conv = next(m for m in run.raw.modules() if isinstance(m, nn.Conv2d))
+        run.state.model.register_forward_hook(self._forward)
+        conv = next(m for m in run.state.model.modules() if isinstance(m, nn.Conv2d))
         conv.register_forward_hook(lambda m, a, out: self.conv_dtypes.append(out.dtype) if m.training else None)
-        run.optimizer.register_step_pre_hook(lambda opt, a, k: self.lrs.append(opt.param_groups[0]["lr"]))
-        run.optimizer.register_step_post_hook(
-            lambda opt, a, k: self.weights.append({n: v.detach().clone() for n, v in run.raw.state_dict().items()}))
-        scale = run.scaler.scale
+        run.state.optimizer.register_step_pre_hook(lambda opt, a, k: self.lrs.append(opt.param_groups[0]["lr"]))
+        run.state.optimizer.register_step_post_hook(
+            lambda opt, a, k: self.weights.append({n: v.detach().clone()
+                                                   for n, v in run.state.model.state_dict().items()}))
+        scale = run.state.scaler.scale
 
         def watched_scale(loss: torch.Tensor) -> torch.Tensor:
             out = scale(loss)
@@ -68,7 +70,7 @@ class Watch:
             self.scaled.append(out.detach().clone())
             return out
 
-        run.scaler.scale = watched_scale
+        run.state.scaler.scale = watched_scale
         run.data.loader = _WatchedLoader(run.data.loader, self.labels)
 
     def _forward(self, module: nn.Module, args: Any, out: torch.Tensor) -> None:
@@ -88,11 +90,10 @@ class _WatchedLoader:
             yield batch
 
 
-def close(*runs: Run) -> None:
+def close(*runs: Training) -> None:
     """Close the runs' TensorBoard writers."""
     for run in runs:
-        if run.writer is not None:
-            run.writer.close()
+        run.close()
 
 
 def freeze_bn(model: nn.Module) -> None:
@@ -103,15 +104,15 @@ def freeze_bn(model: nn.Module) -> None:
             m.train = lambda mode=True, m=m: m  # model.train() reaches children through their own train()
 
 
-def params(run: Run) -> dict[str, torch.Tensor]:
+def params(run: Training) -> dict[str, torch.Tensor]:
     """The run's parameters (copies)."""
-    return {n: p.detach().clone() for n, p in run.raw.named_parameters()}
+    return {n: p.detach().clone() for n, p in run.state.model.named_parameters()}
 
 
-def digits_error(run: Run, split: str, state: dict[str, torch.Tensor]) -> float:
+def digits_error(run: Training, split: str, state: dict[str, torch.Tensor]) -> float:
     """Top-1 error (%) of the weights `state` on a digits split, computed here (plain model, fp32, NCHW)."""
-    ds = build_dataset(run.cfg.data, split)
-    net = create_model_from_config({**dict(run.cfg.model), "num_classes": 10})
+    ds = build_dataset(run.run.cfg.data, split)
+    net = create_model_from_config({**dict(run.run.cfg.model), "num_classes": 10})
     net.load_state_dict(state)
     net.eval()
     x = (torch.stack([ds[i][0] for i in range(len(ds))]).float() / 255 - DIGITS_MEAN) / 0.5
@@ -133,9 +134,9 @@ def test_accumulated_step_equals_one_big_step(tmp_path):
         assert all(torch.equal(start[n], p) for n, p in params(acc).items())  # same seed, same init
         watches = []
         for run in (big, acc):
-            freeze_bn(run.raw)
+            freeze_bn(run.state.model)
             watches.append(Watch(run))
-            train_one_epoch(run)
+            run.epoch()
     finally:
         close(big, acc)
     wb, wa = watches
@@ -160,16 +161,16 @@ def test_autocast_is_active_and_steps_like_fp32(tmp_path, amp, dtype):
     try:
         start = params(ref)
         wr, wl = Watch(ref), Watch(low)
-        train_one_epoch(ref)
-        train_one_epoch(low)
+        ref.epoch()
+        low.epoch()
     finally:
         close(ref, low)
     assert wr.conv_dtypes == [torch.float32] and wl.conv_dtypes == [dtype]
     assert wl.losses[0].dtype == torch.float32
-    assert low.scaler.is_enabled() == (amp == "fp16")
+    assert low.state.scaler.is_enabled() == (amp == "fp16")
     factor = float(wl.scaled[0] / wl.losses[0])
     assert factor == (65536.0 if amp == "fp16" else 1.0)
-    assert low.progress.step == 1 and len(wl.lrs) == 1  # the step was taken, not skipped as non-finite
+    assert low.state.progress.step == 1 and len(wl.lrs) == 1  # the step was taken, not skipped as non-finite
     a = torch.cat([(p - start[n]).flatten() for n, p in params(ref).items()])
     b = torch.cat([(p - start[n]).flatten() for n, p in params(low).items()])
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.95  # bf16: 8 mantissa bits; we see 0.98
@@ -188,13 +189,13 @@ def test_compiled_model_steps_like_eager(tmp_path):
         fit(comp)
     finally:
         close(eager, comp)
-    assert comp.model is not comp.raw and hasattr(comp.model, "_orig_mod")  # torch.compile's wrapper was trained
+    assert comp.model is not comp.state.model and hasattr(comp.model, "_orig_mod")  # compile's wrapper was trained
     a = torch.cat([(p - start[n]).flatten() for n, p in params(eager).items()])
     b = torch.cat([(p - start[n]).flatten() for n, p in params(comp).items()])
     assert float(a.abs().max()) > 1e-3  # real steps
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9999  # fused kernels: we see 0.99999
     assert abs(float(b.norm() / a.norm()) - 1) < 0.01
-    ck = torch.load(comp.out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    ck = torch.load(comp.run.out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])
     create_model_from_config(ck["config"]["model"]).load_state_dict(ck["model"])
 
@@ -206,7 +207,7 @@ def test_label_smoothing_is_the_loss_trained_on(tmp_path):
     run = make_run(tmp_path, "recipe.batch_size=32", "trainer.max_steps=2", "recipe.label_smoothing=0.2")
     try:
         watch = Watch(run)
-        train_one_epoch(run)
+        run.epoch()
     finally:
         close(run)
     assert len(watch.losses) == 2
@@ -231,7 +232,7 @@ def test_warmup_holds_low_lr_until_training_error_falls(tmp_path):
                    "recipe.schedule.warmup_until_train_err=80")  # lr 0.4 at batch 64: 0.2 at 32
     try:
         watch = Watch(run)
-        train_one_epoch(run)
+        run.epoch()
     finally:
         close(run)
     errs = [100.0 * float((lg.argmax(1) != y).float().mean()) for lg, y in zip(watch.logits, watch.labels)]
@@ -256,14 +257,14 @@ def test_ema_is_the_hand_computed_average_and_is_reported(tmp_path):
     expected = dict(watch.weights[1])
     for w in watch.weights[2:]:
         expected = {n: 0.5 * expected[n] + 0.5 * v if v.is_floating_point() else v for n, v in w.items()}
-    ck = torch.load(run.out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    ck = torch.load(run.run.out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     for n, v in expected.items():
         torch.testing.assert_close(ck["ema"][n], v, msg=n)
-        torch.testing.assert_close(run.ema.module.state_dict()[n], v, msg=n)
+        torch.testing.assert_close(run.state.ema.module.state_dict()[n], v, msg=n)
     raw = watch.weights[-1]
     assert all(torch.equal(ck["model"][n], v) for n, v in raw.items())
     assert max(float((ck["ema"][n] - raw[n]).abs().max()) for n in raw if raw[n].is_floating_point()) > 1e-3
-    metrics = json.loads((run.out / "metrics.json").read_text())
+    metrics = json.loads((run.run.out / "metrics.json").read_text())
     assert metrics["split"] == "test"
     assert metrics["center"]["top1_err"] == pytest.approx(digits_error(run, "test", expected), abs=0.3)
     assert metrics["center_noema"]["top1_err"] == pytest.approx(digits_error(run, "test", raw), abs=0.3)
@@ -280,18 +281,54 @@ def test_best_checkpoint_holds_the_best_validation_epoch(tmp_path):
         fit(run)
     finally:
         close(run)
-    history = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (run.run.out / "metrics.jsonl").read_text().splitlines()]
     errs = [h[h.get("split", "val")]["center"]["top1_err"] for h in history]
     assert len(errs) == 3 and len(watch.weights) == 30  # 3 epochs of 10 steps, evaluated after each
     best = min(range(3), key=lambda i: errs[i])
     assert errs[2] > errs[best]  # the test needs a best epoch that is not the last
-    ck = torch.load(run.out / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    ck = torch.load(run.run.out / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     assert ck["progress"]["step"] == history[best]["step"] == 10 * (best + 1)
     after = watch.weights[10 * (best + 1) - 1]  # the weights after that epoch's last step
     assert all(torch.equal(ck["model"][n], v) for n, v in after.items())
     assert digits_error(run, "val", ck["model"]) == pytest.approx(errs[best], abs=0.6)
-    last = torch.load(run.out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    last = torch.load(run.run.out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert all(torch.equal(last["model"][n], v) for n, v in watch.weights[-1].items())
+
+
+# ------------------------------------------------------------------------------------------ stop and resume
+def test_stop_mid_epoch_and_resume_is_bit_identical(tmp_path):
+    """A run stopped at step 3 of a 39-step epoch (the signal path: last.pt written, fit returns) and resumed from
+    last.pt in a fresh set-up ends with the weights, optimizer state and metrics of a run left alone, bit for bit.
+    PCA lighting draws from torch's generator at every step, so the generator's state must come back too."""
+    args = ("recipe.batch_size=32", "trainer.max_steps=6", "recipe.augment.lighting=0.1", "val_split=null")
+    runs: list[Training] = []  # each set up just before it trains (set-up seeds the process's generators)
+    steps = []
+
+    def signal_at_step_3(opt: Any, a: Any, k: Any) -> None:
+        steps.append(1)
+        if len(steps) == 3:
+            cut.run.stop_signal = "SIGTERM"  # what the signal handler sets
+
+    try:
+        runs.append(whole := make_run(tmp_path, *args))
+        fit(whole)
+        runs.append(cut := make_run(tmp_path, *args))
+        cut.state.optimizer.register_step_post_hook(signal_at_step_3)
+        fit(cut)
+        p = cut.state.progress
+        assert (p.step, p.epoch, p.batch) == (3, 0, 3) and not (cut.run.out / "metrics.json").exists()
+        runs.append(again := make_run(tmp_path, *args))
+        assert resume(cut.run.out / "checkpoints" / "last.pt", again.state, again.run.cfg, again.run.dist, CPU)
+        assert again.state.progress.step == 3
+        fit(again)
+    finally:
+        close(*runs)
+    a, b = whole.state.model.state_dict(), again.state.model.state_dict()
+    assert [n for n in a if not torch.equal(a[n], b[n])] == []
+    ma, mb = (whole.state.optimizer.state_dict()["state"], again.state.optimizer.state_dict()["state"])
+    assert all(torch.equal(ma[i]["momentum_buffer"], mb[i]["momentum_buffer"]) for i in ma)
+    metrics = [json.loads((r.run.out / "metrics.json").read_text()) for r in (whole, again)]
+    assert metrics[0]["center"] == metrics[1]["center"] and metrics[1]["steps"] == 6
 
 
 # ---------------------------------------------------------------------------------------------- sync_bn
@@ -308,12 +345,12 @@ def test_sync_bn_converts_every_batchnorm(tmp_path, monkeypatch, sync):
     close(run)
     plain = create_model_from_config({**dict(cfg.model), "num_classes": 10})
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
-    kinds = [type(m) for m in run.raw.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kinds = [type(m) for m in run.state.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert kinds == [nn.SyncBatchNorm if sync else nn.BatchNorm2d] * n_bn and n_bn == 19
-    assert isinstance(run.model, FakeDDP) and run.model.module is run.raw
-    trained = {id(p) for g in run.optimizer.param_groups for p in g["params"]}
-    assert trained == {id(p) for p in run.raw.parameters()}
-    assert run.raw.state_dict().keys() == plain.state_dict().keys()  # checkpoints load as a plain model
+    assert isinstance(run.model, FakeDDP) and run.model.module is run.state.model
+    trained = {id(p) for g in run.state.optimizer.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in run.state.model.parameters()}
+    assert run.state.model.state_dict().keys() == plain.state_dict().keys()  # checkpoints load as a plain model
 
 
 @pytest.mark.slow
@@ -339,7 +376,8 @@ _fit = train.fit
 
 def fit(run):
     _fit(run)
-    torch.save({k: v.detach().clone() for k, v in run.raw.state_dict().items()}, f"rank{run.dist.rank}.pt")
+    torch.save({k: v.detach().clone() for k, v in run.state.model.state_dict().items()},
+               f"rank{run.run.dist.rank}.pt")
 
 
 train.fit = fit

@@ -98,7 +98,7 @@ def make_run(tmp_path):
 
     yield make
     for run in runs:
-        run.writer.close()
+        run.close()
 
 
 # ------------------------------------------------------------------------------------ configs and sweeps
@@ -211,9 +211,9 @@ def schedule(recipe: str, total: int, *overrides: str) -> LRSchedule:
 def test_resnet_cifar_full_length(make_run):
     """resnet_cifar at 64k steps, batch 128, one process: lr 0.1, then 0.01 from 32k, 0.001 from 48k."""
     run = make_run("recipe=resnet_cifar")
-    assert run.total_steps == 64000 and run.data.loader.sampler.batch_size == 128
-    s = run.schedule
-    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert run.run.total_steps == 64000 and run.data.loader.sampler.batch_size == 128
+    s = run.state.schedule
+    assert run.state.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
     expected = {0: 0.1, 31999: 0.1, 32000: 0.01, 47999: 0.01, 48000: 0.001, 63999: 0.001}
     assert {k: s.lr(k) for k in expected} == pytest.approx(expected)
 
@@ -221,15 +221,15 @@ def test_resnet_cifar_full_length(make_run):
 def test_resnet_cifar_shortened_keeps_shape(make_run):
     """Shortened to 6400 steps the schedule changes at 3200 and 4800 (the same 50% / 75% of the run)."""
     run = make_run("recipe=resnet_cifar", "trainer.max_steps=6400")
-    assert run.total_steps == 6400
+    assert run.run.total_steps == 6400
     expected = {0: 0.1, 3199: 0.1, 3200: 0.01, 4799: 0.01, 4800: 0.001, 6399: 0.001}
-    assert {k: run.schedule.lr(k) for k in expected} == pytest.approx(expected)
+    assert {k: run.state.schedule.lr(k) for k in expected} == pytest.approx(expected)
 
 
 def test_resnet110_warmup_until_train_error_below_80(make_run):
     """ResNet-110's row: 0.01 while the training error is >= 80%, 0.1 once the loop reports it below."""
     run = make_run("recipe=resnet_cifar", "row=cifar_resnet110", "data=digits")
-    s = run.schedule
+    s = run.state.schedule
     assert s.lr(0) == pytest.approx(0.01)
     assert s.observe_train(20, 90.0) is False and s.lr(20) == pytest.approx(0.01)
     assert s.observe_train(40, 80.0) is False and s.lr(40) == pytest.approx(0.01)  # not yet below 80%
@@ -302,17 +302,18 @@ def test_lr_scales_with_global_batch(make_run, overrides, lr, per_process, steps
     """recipe.batch_size is the global batch; the lr is recipe lr x batch_size / lr_batch_size (unless
     recipe.scale_lr=false); a step-counted recipe keeps the paper's images seen (64k x 128)."""
     run = make_run("recipe=resnet_cifar", *overrides)
-    assert run.data.loader.sampler.batch_size == per_process and run.total_steps == steps
-    assert run.schedule.base_lr == pytest.approx(lr)
-    assert [g["lr"] for g in run.optimizer.param_groups] == pytest.approx([lr] * len(run.optimizer.param_groups))
-    assert run.schedule.lr(0) == pytest.approx(lr)
+    assert run.data.loader.sampler.batch_size == per_process and run.run.total_steps == steps
+    assert run.state.schedule.base_lr == pytest.approx(lr)
+    groups = run.state.optimizer.param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([lr] * len(groups))
+    assert run.state.schedule.lr(0) == pytest.approx(lr)
 
 
 def test_default_run_length(make_run):
     """The embedded default: 15 epochs of floor(1257 / 64) = 19 steps; max_epochs and max_steps shorten it."""
-    assert make_run().total_steps == 15 * 19
-    assert make_run("trainer.max_epochs=2").total_steps == 2 * 19
-    assert make_run("trainer.max_epochs=2", "trainer.max_steps=7").total_steps == 7
+    assert make_run().run.total_steps == 15 * 19
+    assert make_run("trainer.max_epochs=2").run.total_steps == 2 * 19
+    assert make_run("trainer.max_epochs=2", "trainer.max_steps=7").run.total_steps == 7
 
 
 # -------------------------------------------------------------------------------------------- optimizers

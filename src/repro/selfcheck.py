@@ -266,7 +266,7 @@ def cpu_train_overrides(ctx: Context) -> list[str]:
 def train_steps(ctx: Context, overrides: list[str], steps: int, name: str) -> tuple[Any, RecordLoss, int]:
     """`steps` optimizer steps through repro.train's setup and train_one_epoch; (run, losses, optimizer steps)."""
     from repro.distributed import Dist
-    from repro.train import setup, train_one_epoch
+    from repro.train import setup
 
     cfg = train_config([*overrides, f"trainer.max_steps={steps}"])
     run = setup(cfg, Dist(), ctx.device, ctx.out / name)
@@ -274,13 +274,12 @@ def train_steps(ctx: Context, overrides: list[str], steps: int, name: str) -> tu
         rec = RecordLoss(run.criterion)
         run.criterion = rec
         taken = [0]
-        handle = run.optimizer.register_step_post_hook(lambda *_: taken.__setitem__(0, taken[0] + 1))
-        while run.progress.step < run.total_steps:
-            train_one_epoch(run)
+        handle = run.state.optimizer.register_step_post_hook(lambda *_: taken.__setitem__(0, taken[0] + 1))
+        while run.state.progress.step < run.run.total_steps:
+            run.epoch()
         handle.remove()
     finally:
-        if run.writer is not None:
-            run.writer.close()
+        run.close()
     return run, rec, taken[0]
 
 
@@ -303,7 +302,7 @@ def check_training(ctx: Context) -> list[Check]:
         run, rec, _ = train_steps(ctx, [*cpu_train_overrides(ctx), "trainer.amp=off"], steps, "train_fp32")
         steps_note = f"batch {ctx.cfg.cpu_batch}"
         ok, detail = loss_verdict([float(v) for v in rec.losses])
-        ctx.trained = {"state": {k: v.detach().cpu().clone() for k, v in run.raw.state_dict().items()}}
+        ctx.trained = {"state": {k: v.detach().cpu().clone() for k, v in run.state.model.state_dict().items()}}
         checks.append(Check("train_fp32", "pass" if ok else "fail",
                             f"resnet20 on digits, {steps_note}, fp32: {detail}"))
         for name in ("train_bf16", "train_fp16", "train_bf16_compile"):
@@ -323,7 +322,8 @@ def check_training(ctx: Context) -> list[Check]:
                                                 f"trainer.compile={str(compile_).lower()}"], steps, name)
             ok, detail = loss_verdict([float(v) for v in rec.losses])
             if amp == "fp16":
-                extra = f"; grad scale {run.scaler.get_scale():g}, {run.progress.step - taken} skipped steps"
+                skipped = run.state.progress.step - taken
+                extra = f"; grad scale {run.state.scaler.get_scale():g}, {skipped} skipped steps"
             if compile_:
                 c = torch._dynamo.utils.counters
                 graphs = c["stats"].get("unique_graphs", 0)
@@ -389,7 +389,7 @@ def check_eval_parity(ctx: Context) -> list[Check]:
     model = create_model_from_config(model_cfg)
     if ctx.trained is None:  # a digits model trained a few steps in fp32 (a random one would predict one class)
         run, _, _ = train_steps(ctx, [*cpu_train_overrides(ctx), "trainer.amp=off"], ctx.cfg.train_steps, "parity")
-        ctx.trained = {"state": {k: v.detach().cpu().clone() for k, v in run.raw.state_dict().items()}}
+        ctx.trained = {"state": {k: v.detach().cpu().clone() for k, v in run.state.model.state_dict().items()}}
     model.load_state_dict(ctx.trained["state"])
     ds = data.test
     ds.transform = EvalViews(["center"], resize=data.eval_size[0], crop=data.eval_size[1])
@@ -431,22 +431,23 @@ def _sync(device: torch.device) -> None:
 def bare_steps(run: Any, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
     """Seconds per optimizer step on one device-resident batch (no loader): the median of `steps` timed steps."""
     def step() -> None:
-        with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        dtype = run.numerics.amp_dtype
+        with torch.autocast(run.run.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = run.criterion(run.model(x).float(), y)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
+        run.state.scaler.scale(loss).backward()
+        run.state.scaler.step(run.state.optimizer)
+        run.state.scaler.update()
+        run.state.optimizer.zero_grad(set_to_none=True)
 
     run.model.train()
     for _ in range(3):  # warm-up (cuDNN benchmark, oneDNN primitives, allocator)
         step()
     times = []
     for _ in range(max(1, steps)):
-        _sync(run.device)
+        _sync(run.run.device)
         t0 = time.perf_counter()
         step()
-        _sync(run.device)
+        _sync(run.run.device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -457,13 +458,13 @@ def device_batch(run: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
     run.data.loader.sampler.set_epoch(0, 0)
     batch = next(iter(run.data.loader))
-    x = batch["views"].to(run.device)
+    x = batch["views"].to(run.run.device)
     if run.data.batch_aug is not None:
         x = run.data.batch_aug(x, sample_seed(0, 0, 0))
     x = run.normalize(x)
-    if run.cfg.trainer.channels_last:
+    if run.run.cfg.trainer.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, batch["labels"].to(run.device)
+    return x, batch["labels"].to(run.run.device)
 
 
 def loader_rate(cfg: DictConfig, device: torch.device, batches: int) -> float:
@@ -496,8 +497,7 @@ def check_throughput(ctx: Context) -> list[Check]:
                  [*cpu_train_overrides(ctx), "trainer.amp=off"])
     cfg = train_config([*overrides, "trainer.max_steps=10"])
     run = setup(cfg, Dist(), ctx.device, ctx.out / "throughput")
-    if run.writer is not None:
-        run.writer.close()
+    run.close()
     x, y = device_batch(run)
     step_rate = len(y) / bare_steps(run, x, y, ctx.cfg.throughput_steps)
     workers = cfg.data.num_workers
@@ -523,8 +523,7 @@ def check_device_batches(ctx: Context) -> Check:
     from repro.train import setup
 
     run = setup(train_config(cpu_train_overrides(ctx)), Dist(), ctx.device, ctx.out / "device_batches")
-    if run.writer is not None:
-        run.writer.close()
+    run.close()
     run.data.loader.sampler.set_epoch(0, 0)
     it = iter(run.data.loader)
     first = next(it)  # the epoch's order is copied to the device here, once per epoch
@@ -606,8 +605,7 @@ def check_memory(ctx: Context) -> list[Check]:
     try:
         cfg.data.length = max(512, batch)
         run = setup(cfg, Dist(), ctx.device, ctx.out / "memory")
-        if run.writer is not None:
-            run.writer.close()
+        run.close()
         x = torch.randn(batch, 3, 224, 224, device=ctx.device).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, len(run.data.classes), (batch,), device=ctx.device)
         torch.cuda.empty_cache()
@@ -651,8 +649,9 @@ def check_memory(ctx: Context) -> list[Check]:
 
 def check_resume(ctx: Context) -> list[Check]:
     """repro-train's fit: stop (the SIGTERM path) after a few steps, resume=auto, versus an uninterrupted run."""
+    from repro.checkpoint import resume
     from repro.distributed import Dist
-    from repro.train import fit, resume, setup
+    from repro.train import fit, setup
 
     steps, stop_at = ctx.cfg.resume_steps, max(1, ctx.cfg.resume_steps // 2)
     overrides = [*cpu_train_overrides(ctx), f"trainer.max_steps={steps}", "trainer.cudnn_benchmark=false",
@@ -667,26 +666,26 @@ def check_resume(ctx: Context) -> list[Check]:
             try:
                 fit(run)
             finally:
-                if run.writer is not None:
-                    run.writer.close()
+                run.close()
 
         whole = new_run("whole")
         finish(whole)
         cut = new_run("cut")
-        cut.criterion = RecordLoss(cut.criterion, cut, stop_after=stop_at)
+        cut.criterion = RecordLoss(cut.criterion, cut.run, stop_after=stop_at)
         finish(cut)
-        stopped = cut.progress.step
+        stopped = cut.state.progress.step
         cut = new_run("cut")
-        if not resume(cut):
+        r = cut.run
+        if not resume(r.out / "checkpoints" / "last.pt", cut.state, r.cfg, r.dist, r.device):
             return [Check("resume", "fail", f"no checkpoint to resume after the stop at step {stopped}")]
-        resumed_at = cut.progress.step
+        resumed_at = cut.state.progress.step
         finish(cut)
     finally:
         torch.backends.cudnn.deterministic = old
-    a, b = whole.raw.state_dict(), cut.raw.state_dict()
+    a, b = whole.state.model.state_dict(), cut.state.model.state_dict()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
-    ma = json.loads((whole.out / "metrics.json").read_text())
-    mb = json.loads((cut.out / "metrics.json").read_text())
+    ma = json.loads((whole.run.out / "metrics.json").read_text())
+    mb = json.loads((cut.run.out / "metrics.json").read_text())
     same_metrics = ma["center"] == mb["center"] and ma["best_val_top1_err"] == mb["best_val_top1_err"]
     detail = (f"resnet20 on digits, batch {ctx.cfg.cpu_batch}, {steps} steps; stopped at step {stopped}, "
               f"resumed at {resumed_at}: "

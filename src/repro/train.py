@@ -1,17 +1,18 @@
 """`repro-train`: train a model with a paper's recipe, on CPU, one GPU, or many under torchrun.
 
-One loop: `train_one_epoch` (device-side augmentation, AMP, accumulation, checkpoints) and `evaluate`
-(repro.engine). Everything a run writes goes under its run dir `outputs/train/<name>/`.
+`setup` builds a `Training`: the model a step calls, the loss, the device-side normalization, the `TrainState`
+checkpoints hold (repro.checkpoint), the data, the step's `Numerics` and the `Run` (config, processes, run dir,
+length, stop flags). `fit` runs `train_one_epoch` (device-side augmentation, AMP, accumulation), evaluation
+(`evaluate`, repro.engine) and checkpoints to the run's length. Everything a run writes goes under its run dir
+`outputs/train/<name>/`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
-import os
 import random
 import signal
 import sys
@@ -28,6 +29,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from repro.checkpoint import (
+    NonFiniteLoss,
+    Progress,
+    TrainState,
+    WriteError,
+    kept_checkpoint,
+    rank_seed,
+    read_checkpoint,
+    resume,
+    save,
+    sync_state,
+)
 from repro.cli import (
     CONFIG_DIR,
     HYDRA_VERSION_BASE,
@@ -52,7 +65,6 @@ from repro.distributed import (
     Dist,
     all_reduce_sum,
     broadcast_object,
-    broadcast_state,
     cleanup,
     export_slurm_env,
     gather_objects,
@@ -71,309 +83,156 @@ AUGMENTS = ("pad_crop", "scale_aug", "inception", "mobilenet", "none")
 AMP = ("auto", "bf16", "fp16", "off")
 
 
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or Inf."""
-
-
-class WriteError(RuntimeError):
-    """A file of the run could not be written (disk full, read-only, ...); the message says what is kept."""
-
-
 # ----------------------------------------------------------------------------------------------- state
 
 
 @dataclass
-class Progress:
-    """Where the run is: optimizer steps done, epoch, micro-batches done in that epoch, best val error."""
+class Numerics:
+    """How a training step computes: autocast dtype, micro-batches per optimizer step, memory layout."""
 
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-    best_err: float = math.inf
-    history: list[dict[str, Any]] = field(default_factory=list)
-    skipped: set[str] = field(default_factory=set)  # training images skipped (data.on_error=skip), every rank's
+    amp_dtype: torch.dtype | None = None  # autocast's dtype (bf16/fp16), None for full precision
+    grad_accum: int = 1  # micro-batches whose gradients make one optimizer step
+    channels_last: bool = False  # batches (and the model) in channels_last
 
 
 @dataclass
 class Run:
-    """Everything the loop touches."""
+    """The run itself: its config, processes and run dir, its length, its logs, and whether it must stop."""
 
     cfg: DictConfig
-    model: nn.Module  # possibly DDP/compiled
-    raw: nn.Module  # the plain model (state dicts, evaluation)
-    ema: Any
-    optimizer: torch.optim.Optimizer
-    schedule: LRSchedule
-    scaler: torch.amp.GradScaler
-    normalize: Normalize
-    criterion: nn.Module
-    data: TrainData
+    dist: Dist
     device: torch.device
-    amp_dtype: torch.dtype | None
+    out: Path
     total_steps: int
     steps_per_epoch: int
-    dist: Dist
-    out: Path
-    progress: Progress
-    writer: Any = None
+    writer: Any = None  # TensorBoard's SummaryWriter (rank 0), or None
+    commit: str | None = None  # the git commit, read once per run
+    resume_hint: str = ""  # the arguments that continue this run dir (rank 0's, the same on every rank)
     stop_signal: str | None = None  # set by the signal handler of this process
     stopping: bool = False  # every rank agreed to stop (see agree_to_stop)
-    commit: str | None = None  # the git commit, read once per run
     last_save: float = field(default_factory=time.monotonic)  # when checkpoints/last.pt was last written
-    resume_hint: str = ""  # the arguments that continue this run dir (rank 0's, the same on every rank)
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank `rank`'s random streams (augmentation, dropout): `seed` itself on rank 0."""
-    return seed + 1_000_003 * rank
+@dataclass
+class Training:
+    """What set-up builds: the model a step calls, the loss, the device-side normalization, the state checkpoints
+    hold, the data, the step's numerics and the run."""
+
+    model: nn.Module  # DDP and/or torch.compile around state.model, or state.model itself
+    criterion: nn.Module
+    normalize: Normalize
+    state: TrainState
+    data: TrainData
+    numerics: Numerics
+    run: Run
+
+    def epoch(self) -> None:
+        """`train_one_epoch` with these parts."""
+        train_one_epoch(self.model, self.criterion, self.normalize, self.state, self.data, self.numerics, self.run)
+
+    def close(self) -> None:
+        """Close the TensorBoard writer (rank 0's)."""
+        if self.run.writer is not None:
+            self.run.writer.close()
 
 
-def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """This process's Python, torch CPU and CUDA (its own device's only) generator states."""
-    cuda = device is not None and device.type == "cuda"
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if cuda else None}
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
-    """Restore `rng_state()` (older checkpoints' list of every GPU's state: this device's entry, if it has one)."""
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    torch.set_rng_state(state["torch"])
-    cuda = state["cuda"]
-    if isinstance(cuda, list):
-        cuda = cuda[device.index or 0] if device is not None and len(cuda) > (device.index or 0) else None
-    if cuda is not None and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, device)
-
-
-def restore_rng(ck: dict[str, Any], run: Run) -> None:
-    """Each rank takes its own saved generator states; when the world size changed, rank 0 takes rank 0's and
-    the others reseed from (seed, step, rank), so no two ranks share a stream (logged)."""
-    d, states = run.dist, ck.get("rng_ranks") or [ck["rng"]]
-    if len(states) == d.world_size:
-        set_rng_state(states[d.rank], run.device)
-        return
-    if d.is_main:
-        log.warning("resuming on %d processes a run saved on %d: rank 0 continues rank 0's random streams, the "
-                    "others start new ones seeded from (seed, step, rank)", d.world_size, len(states))
-    if d.rank == 0:
-        set_rng_state(states[0], run.device)
-        return
-    s = rank_seed(run.cfg.seed * 1_000_033 + ck["progress"]["step"], d.rank)
-    random.seed(s)
-    torch.manual_seed(s)
-
-
-def checkpoint(run: Run, ranks_rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The checkpoint dict: weights (`model`), the state to resume, and what evaluation needs."""
-    ranks_rng = ranks_rng or [rng_state(run.device)]
-    cfg = OmegaConf.to_container(run.cfg, resolve=True)
-    p = run.progress
-    return {
-        "model": run.raw.state_dict(),
-        "ema": run.ema.module.state_dict() if run.ema is not None else None,
-        "optimizer": run.optimizer.state_dict(),
-        "schedule": run.schedule.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "rng": ranks_rng[0],  # rank 0's (as a single-process run's)
-        "rng_ranks": ranks_rng,  # every rank's own, in rank order
-        "progress": {"step": p.step, "epoch": p.epoch, "batch": p.batch, "best_err": p.best_err,
-                     "history": p.history, "skipped": sorted(p.skipped)},
-        "config": {"model": cfg["model"], "data": cfg["data"], "recipe": cfg["recipe"], "seed": cfg["seed"]},
-        "preprocessing": run.data.preprocessing.to_dict(),
-        "git_commit": run.commit,
-    }
-
-
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind an exception (torch.save wraps a failed write in a RuntimeError), if any."""
-    seen = 0
-    while e is not None and seen < 5:
-        if isinstance(e, OSError):
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
-
-
-def save_atomic(obj: dict[str, Any], path: Path, kept: Path | None = None) -> None:
-    """torch.save to a temporary file, fsync, then rename: a kill or a full disk mid-write leaves the previous file.
-
-    A failed write removes the partial file and raises WriteError naming the problem and `kept` (default: `path`),
-    the last good checkpoint.
-    """
-    kept = kept or path
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        cause = _os_error(e)
-        where = (f"the last good checkpoint is kept at {kept}" if kept.is_file() else
-                 "no checkpoint was written yet")
-        if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise WriteError(f"no space left on {path.parent}; {where}. Free some space and continue with "
-                             f"resume=auto") from None
-        why = cause.strerror if cause is not None and cause.strerror else str(e).splitlines()[0]
-        raise WriteError(f"cannot write {path} ({why}); {where}") from None
-
-
-def kept_checkpoint(run: Run) -> str:
-    """What a failed run leaves to resume from, for its error message."""
-    path = run.out / "checkpoints" / "last.pt"
-    if path.is_file():
-        return f"The last good checkpoint is kept at {path}"
-    return "No checkpoint was written yet"
-
-
-def save(run: Run, name: str) -> None:
-    """Write checkpoints/<name>.pt from rank 0, never with non-finite weights (every rank checks them)."""
-    state = run.raw.state_dict()
-    floats = [v for v in state.values() if v.is_floating_point()]
-    if floats and not bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
-        raise NonFiniteLoss(f"the training loss diverged: the weights are not finite at step {run.progress.step}; "
-                            f"stopping. {kept_checkpoint(run)}; lower the lr or check the data")
-    sync_state(run)
-    # Collective (every rank calls save()): each rank's generator states, and the skipped images of all ranks.
-    gathered = gather_objects((rng_state(run.device), sorted(run.progress.skipped)), run.dist)
-    ranks_rng = [g[0] for g in gathered]
-    run.progress.skipped = {path for g in gathered for path in g[1]}
-    if run.dist.is_main:
-        save_atomic(checkpoint(run, ranks_rng), run.out / "checkpoints" / f"{name}.pt",
-                    kept=run.out / "checkpoints" / "last.pt")
+def write_checkpoint(name: str, state: TrainState, data: TrainData, run: Run) -> None:
+    """checkpoints/<name>.pt of the run (every rank calls it); writing last.pt restarts the time interval."""
+    save(run.out, name, state, run.cfg, data.preprocessing, run.commit, run.dist, run.device)
     if name == "last":
         run.last_save = time.monotonic()
-
-
-def sync_state(run: Run) -> None:
-    """Rank 0's BN running statistics (and the weight average) on every rank, as the checkpoint holds them.
-
-    DDP broadcasts buffers only at a training forward, so each rank would otherwise evaluate with its own
-    last batches' statistics. Called before every evaluation and save (a no-op on one process).
-    """
-    broadcast_state(run.raw, run.dist)
-    if run.ema is not None:
-        broadcast_state(run.ema.module, run.dist)
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "schedule", "scaler", "progress", "config")
-
-
-def read_checkpoint(path: Path, hint: str = "resume=auto") -> dict[str, Any] | None:
-    """The checkpoint at `path` to resume from (None when there is none); an unreadable or foreign file is kept as
-    it is and refused with a ValueError naming the ways out."""
-    if not path.is_file():
-        return None
-    way_out = (f"it is kept as it is. Move it away (e.g. mv {path} {path}.bad) and rerun with {hint} to start this "
-               f"run dir from step 0, or start a new run with another name=")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, a foreign pickle refused by weights_only, an empty file, ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {reason}); {way_out}") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
-    if missing or not isinstance(ck["config"], dict) or "model" not in ck["config"]:
-        raise ValueError(f"{path} is not a repro-train checkpoint (it lacks {missing or ['config.model']}); "
-                         f"{way_out}")
-    return ck
-
-
-def resume(run: Run, ck: dict[str, Any] | None = None) -> bool:
-    """Load checkpoints/last.pt of this run dir (or `ck`, read from it) into the run; False when there is none."""
-    path = run.out / "checkpoints" / "last.pt"
-    ck = ck if ck is not None else read_checkpoint(path, run.resume_hint or "resume=auto")
-    if ck is None:
-        return False
-    saved, current = ck["config"]["model"], OmegaConf.to_container(run.cfg.model, resolve=True)
-    if saved["name"] != current["name"]:
-        raise ValueError(f"{path} holds a {saved['name']} run but model={current['name']}; "
-                         f"resume with the same config or pick a new name=")
-    changed = [f"model.{k}={saved.get(k)!r} there, {current.get(k)!r} here" for k in sorted({*saved, *current})
-               if saved.get(k) != current.get(k)]
-    if changed:
-        raise ValueError(f"{path} holds a {saved['name']} run with other settings ({'; '.join(changed)}); "
-                         f"resume with the same config or pick a new name=")
-    run.raw.load_state_dict(ck["model"])
-    if run.ema is not None and ck["ema"] is not None:
-        run.ema.module.load_state_dict(ck["ema"])
-    try:
-        run.optimizer.load_state_dict(ck["optimizer"])
-    except ValueError as e:
-        raise ValueError(f"{path} holds a run with another optimizer ({e}); resume with the same recipe or pick "
-                         f"a new name=") from None
-    run.schedule.load_state_dict(ck["schedule"])
-    run.scaler.load_state_dict(ck["scaler"])
-    restore_rng(ck, run)
-    p = ck["progress"]
-    run.progress = Progress(p["step"], p["epoch"], p["batch"], p["best_err"], p["history"], set(p.get("skipped", [])))
-    return True
 
 
 # ------------------------------------------------------------------------------------------------ loop
 
 
-def train_one_epoch(run: Run) -> None:
-    """Train from the current position to the end of the epoch (or of the run, or a stop signal)."""
-    p, cfg, dev = run.progress, run.cfg, run.device
-    accum = cfg.trainer.grad_accum
-    run.model.train()
-    run.normalize.train()
-    run.data.loader.sampler.set_epoch(p.epoch, p.batch)
-    loss_sum = torch.zeros((), device=dev)
-    wrong = torch.zeros((), device=dev)
-    seen, micro, t0 = 0, 0, time.perf_counter()
+class TrainMeter:
+    """The training loss and error since the last log step, summed on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new log interval."""
+        self.loss = torch.zeros((), device=self.device)
+        self.wrong = torch.zeros((), device=self.device)
+        self.seen, self.micro, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Count one micro-batch."""
+        self.loss += loss.detach()
+        self.wrong += (logits.detach().argmax(1) != y).sum()
+        self.seen += y.numel()
+        self.micro += 1
+
+    def summed(self, dist: Dist) -> tuple[float, float, float]:
+        """(mean loss, error %, images/s) over every rank since the last reset (a collective under DDP)."""
+        dev = self.device
+        totals = all_reduce_sum(torch.stack([self.loss, self.wrong, torch.tensor(float(self.seen), device=dev),
+                                             torch.tensor(float(self.micro), device=dev)]).double(), dist)
+        g_loss, g_wrong, g_seen, g_micro = totals.tolist()
+        rate = g_seen / (time.perf_counter() - self.t0)
+        return g_loss / max(1.0, g_micro), 100.0 * g_wrong / max(1.0, g_seen), rate
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, normalize: Normalize, state: TrainState, data: TrainData,
+                    numerics: Numerics, run: Run) -> None:
+    """Train from the current position to the end of the epoch (or of the run, or a stop signal).
+
+    `model` is what a step calls (DDP and/or compiled around `state.model`); `state` (weights, weight average,
+    optimizer, schedule, grad scaler, progress) is updated in place and checkpointed every
+    `trainer.checkpoint_every` steps, at a stop signal and on `trainer.checkpoint_every_s`.
+    """
+    p, dev, cfg, accum = state.progress, run.device, run.cfg, numerics.grad_accum
+    model.train()
+    normalize.train()
+    data.loader.sampler.set_epoch(p.epoch, p.batch)  # resumes mid-epoch at micro-batch p.batch
+    meter = TrainMeter(dev)
     bar = tqdm(total=run.steps_per_epoch, initial=p.batch // accum, desc=f"epoch {p.epoch}", unit="step",
                disable=not (cfg.trainer.progress and run.dist.is_main), dynamic_ncols=True)
     skipped_before = len(p.skipped)
-    for batch in run.data.loader:
-        if run.data.decoder is not None:  # data.decode=gpu: the loader left JPEG bytes; decode and crop on the device
-            batch = run.data.decoder(batch)
-        items = batch["views"]
+    for batch in data.loader:
+        # data.decode=gpu: the loader left JPEG bytes; decode and crop on the device.
+        if data.decoder is not None:
+            batch = data.decoder(batch)
+        # Unusable images: stop naming one (data.on_error=raise) or skip and count them; a batch left empty is dropped.
         if batch["failed"]:
-            skip_failed(run, batch["failed"])
-        if items is None:  # every image of this micro-batch was unusable (and skipped)
-            drop_empty_batch(run, batch["failed"])
+            skip_failed(batch["failed"], p, cfg.data.on_error)
+        if batch["views"] is None:
+            drop_empty_batch(batch["failed"], state, accum, run.dist)
             continue
         # Move the uint8 batch to the device (there already when decoded there); augment there when the loader
         # left it to us.
-        x = items.to(dev, non_blocking=True)
+        x = batch["views"].to(dev, non_blocking=True)
         y = batch["labels"].to(dev, non_blocking=True)
-        if run.data.batch_aug is not None:
-            x = run.data.batch_aug(x, sample_seed(rank_seed(cfg.seed, run.dist.rank), p.epoch, p.batch))
+        if data.batch_aug is not None:
+            x = data.batch_aug(x, sample_seed(rank_seed(cfg.seed, run.dist.rank), p.epoch, p.batch))
         # Normalize (and PCA-light) on the device, in channels_last (faster on CUDA and on CPU alike).
-        x = run.normalize(x)
-        if cfg.trainer.channels_last:
+        x = normalize(x)
+        if numerics.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        # Forward and loss under autocast (a no-op when AMP is off); DDP syncs only on the last micro-batch.
+        # Forward and loss under autocast (a no-op when AMP is off), backward through the grad scaler (a no-op
+        # unless fp16); DDP syncs gradients only on a step's last micro-batch.
         last_micro = (p.batch + 1) % accum == 0
-        sync = run.model.no_sync() if (run.dist.enabled and not last_micro) else contextlib.nullcontext()
+        sync = model.no_sync() if (run.dist.enabled and not last_micro) else contextlib.nullcontext()
         with sync:
-            with torch.autocast(dev.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-                logits = run.model(x)
-                loss = run.criterion(logits.float(), y)
-            run.scaler.scale(loss / accum).backward()
-        loss_sum += loss.detach()
-        wrong += (logits.detach().argmax(1) != y).sum()
-        seen += y.numel()
-        micro += 1
+            dtype = numerics.amp_dtype
+            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = model(x)
+                loss = criterion(logits.float(), y)
+            state.scaler.scale(loss / accum).backward()
+        meter.add(loss, logits, y)
         p.batch += 1
         if not last_micro:
             continue
-        # Optimizer step at the schedule's lr, then the weight average.
-        lr = run.schedule.apply(run.optimizer, p.step)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.ema is not None:
-            run.ema.update(run.raw, step=p.step)
+        # Optimizer step at the schedule's lr (the scaler skips it on inf/NaN fp16 gradients), then the average.
+        lr = state.schedule.apply(state.optimizer, p.step)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.optimizer.zero_grad(set_to_none=True)
+        if state.ema is not None:
+            state.ema.update(state.model, step=p.step)
         p.step += 1
         bar.update(1)
         # Act on a stop signal (or the checkpoint interval) at a step every rank agrees on (at once alone; at log
@@ -384,29 +243,21 @@ def train_one_epoch(run: Run) -> None:
         # Check the loss before anything is saved (every step on CPU), log, and apply the warm-up rule: on the
         # counts of every rank (summed), so every rank stops on a non-finite loss and leaves warm-up together.
         if at_log or at_save or stop or dev.type == "cpu":
-            totals = all_reduce_sum(torch.stack([loss_sum, wrong, torch.tensor(float(seen), device=dev),
-                                                 torch.tensor(float(micro), device=dev)]).double(), run.dist)
-            g_loss, g_wrong, g_seen, g_micro = totals.tolist()
-            mean_loss = g_loss / max(1.0, g_micro)
+            mean_loss, err, rate = meter.summed(run.dist)
             if not math.isfinite(mean_loss):
                 raise NonFiniteLoss(f"the training loss is {mean_loss} at step {p.step} (lr {lr:g}); stopping. "
-                                    f"{kept_checkpoint(run)}; lower the lr or check the data")
+                                    f"{kept_checkpoint(run.out)}; lower the lr or check the data")
             if at_log:
-                err = 100.0 * g_wrong / max(1.0, g_seen)
-                rate = g_seen / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", err=f"{err:.1f}%", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-                if run.schedule.observe_train(p.step, err):
+                if state.schedule.observe_train(p.step, err):
                     log.info("warm-up over at step %d (training error %.1f%%)", p.step, err)
                 if run.writer is not None:
-                    run.writer.add_scalar("train/loss", mean_loss, p.step)
-                    run.writer.add_scalar("train/err", err, p.step)
-                    run.writer.add_scalar("train/lr", lr, p.step)
-                    run.writer.add_scalar("train/images_per_s", rate, p.step)
-                loss_sum.zero_()
-                wrong.zero_()
-                seen, micro, t0 = 0, 0, time.perf_counter()
+                    for key, value in (("loss", mean_loss), ("err", err), ("lr", lr), ("images_per_s", rate)):
+                        run.writer.add_scalar(f"train/{key}", value, p.step)
+                meter.reset()
+        # Checkpoint (a collective: every rank writes its generators' state through rank 0).
         if at_save:
-            save(run, "last")
+            write_checkpoint("last", state, data, run)
         if stop or p.step >= run.total_steps:
             break
     bar.close()
@@ -414,34 +265,34 @@ def train_one_epoch(run: Run) -> None:
         log.warning("epoch %d: unusable training images skipped (data.on_error=skip): %d distinct so far, counted as "
                     "\"train_skipped\" in metrics.json", p.epoch, len(p.skipped))
     agree_to_stop(run)  # a signal that came late in the epoch: every rank decides alike before evaluating
-    if p.batch >= run.data.loader.sampler.batches:  # the epoch is complete
+    if p.batch >= data.loader.sampler.batches:  # the epoch is complete
         p.epoch, p.batch = p.epoch + 1, 0
 
 
-def skip_failed(run: Run, failed: list[Any]) -> None:
+def skip_failed(failed: list[Any], progress: Progress, on_error: str) -> None:
     """Unusable training images: stop naming the first (data.on_error=raise), or remember them as skipped."""
-    if run.cfg.data.on_error == "raise":
+    if on_error == "raise":
         raise DataError(failed[0].message)
     for f in failed:
-        if f.path not in run.progress.skipped:
+        if f.path not in progress.skipped:
             log.warning("skipping %s", f.message.split(". Replace or remove")[0])
-            run.progress.skipped.add(f.path)
+            progress.skipped.add(f.path)
 
 
-def drop_empty_batch(run: Run, failed: list[Any]) -> None:
+def drop_empty_batch(failed: list[Any], state: TrainState, grad_accum: int, dist: Dist) -> None:
     """A micro-batch whose every image was skipped: it adds nothing; its optimizer step is dropped with it.
 
     Under torchrun the other ranks would wait for this rank's gradients, so it stops instead, naming the files.
     """
-    p = run.progress
-    if run.dist.enabled:
-        raise DataError(f"every image of a training batch of rank {run.dist.rank} is unusable (e.g. "
+    p = state.progress
+    if dist.enabled:
+        raise DataError(f"every image of a training batch of rank {dist.rank} is unusable (e.g. "
                         f"{failed[0].path if failed else '?'}); under torchrun a rank cannot leave out a whole batch: "
                         f"remove or replace the files (data.on_error=skip then skips the rest)")
     log.warning("epoch %d: a training batch had no usable image; its step is dropped", p.epoch)
     p.batch += 1
-    if p.batch % run.cfg.trainer.grad_accum == 0:  # the step's last micro-batch: drop the step's gradients too
-        run.optimizer.zero_grad(set_to_none=True)
+    if p.batch % grad_accum == 0:  # the step's last micro-batch: drop the step's gradients too
+        state.optimizer.zero_grad(set_to_none=True)
 
 
 def agree_to_stop(run: Run) -> tuple[bool, bool]:
@@ -459,21 +310,22 @@ def agree_to_stop(run: Run) -> tuple[bool, bool]:
     return got, due
 
 
-def validate(run: Run, ds: Any, protocols: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def validate(t: Training, ds: Any, protocols: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Top-1/top-5 error of the model (and of its weight average) on an evaluation set, center view by default."""
     protocols = protocols or ["center"]
-    sync_state(run)  # every rank evaluates the model the checkpoint holds
-    resize, crop = run.data.eval_size
+    run, state = t.run, t.state
+    sync_state(state, run.dist)  # every rank evaluates the model the checkpoint holds
+    resize, crop = t.data.eval_size
     ds.transform = EvalViews(protocols, resize=resize, crop=crop)
     loader = DataLoader(ds, batch_size=run.cfg.data.batch_size, num_workers=0 if isinstance(ds, ImageTensors)
                         else run.cfg.data.num_workers, sampler=ShardSampler(len(ds), run.dist.rank,
                         run.dist.world_size), collate_fn=collate, pin_memory=run.device.type == "cuda")
     on_error = run.cfg.data.on_error
     precision = run.cfg.trainer.get("eval_precision", "fp32")
-    out = evaluate(run.raw, run.normalize, loader, run.device, protocols, on_error=on_error, dist=run.dist,
+    out = evaluate(state.model, t.normalize, loader, run.device, protocols, on_error=on_error, dist=run.dist,
                    progress=False, precision=precision).metrics()
-    if run.ema is not None:  # the released MobileNetV2 recipe reports the averaged weights
-        ema = evaluate(run.ema.module, run.normalize, loader, run.device, protocols, on_error=on_error,
+    if state.ema is not None:  # the released MobileNetV2 recipe reports the averaged weights
+        ema = evaluate(state.ema.module, t.normalize, loader, run.device, protocols, on_error=on_error,
                        dist=run.dist, progress=False, precision=precision).metrics()
         out = {**ema, **{f"{p}_noema": m for p, m in out.items()}}
     decoded = len(getattr(ds, "skipped", []))  # files left out when the split was decoded into memory (every rank)
@@ -487,16 +339,17 @@ def chooses_best(cfg: DictConfig) -> bool:
     return bool(cfg.val_split) and cfg.val_split != cfg.test_split
 
 
-def after_epoch(run: Run) -> None:
+def after_epoch(t: Training) -> None:
     """Evaluate on `val_split` (if any), feed the plateau schedule, log under the split's name, keep checkpoints."""
-    p, split = run.progress, run.cfg.val_split
-    if run.data.val is None:  # val_split=null: no per-epoch evaluation; the final weights are reported
-        save(run, "last")
+    run, state = t.run, t.state
+    p, split = state.progress, run.cfg.val_split
+    if t.data.val is None:  # val_split=null: no per-epoch evaluation; the final weights are reported
+        write_checkpoint("last", state, t.data, run)
         return
-    metrics = validate(run, run.data.val)
+    metrics = validate(t, t.data.val)
     err, err5 = metrics["center"]["top1_err"], metrics["center"]["top5_err"]
-    run.schedule.observe_val(err)
-    record = {"epoch": p.epoch, "step": p.step, "lr": run.schedule.lr(p.step), "split": split, split: metrics}
+    state.schedule.observe_val(err)
+    record = {"epoch": p.epoch, "step": p.step, "lr": state.schedule.lr(p.step), "split": split, split: metrics}
     p.history.append(record)
     if run.dist.is_main:
         with open(run.out / "metrics.jsonl", "a") as f:
@@ -507,8 +360,8 @@ def after_epoch(run: Run) -> None:
         log.info("epoch %d step %d: %s top-1 err %.2f%%, top-5 err %.2f%%", p.epoch, p.step, split, err, err5)
     if chooses_best(run.cfg) and err < p.best_err:
         p.best_err = err
-        save(run, "best")
-    save(run, "last")
+        write_checkpoint("best", state, t.data, run)
+    write_checkpoint("last", state, t.data, run)
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -591,7 +444,7 @@ def amp_dtype(kind: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[kind]
 
 
-def setup(cfg: DictConfig, d: Dist, device: torch.device, out: Path) -> Run:
+def setup(cfg: DictConfig, d: Dist, device: torch.device, out: Path) -> Training:
     """Data, model, optimizer, schedule and logging for a run."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -652,38 +505,46 @@ def setup(cfg: DictConfig, d: Dist, device: torch.device, out: Path) -> Run:
                  cfg.data.name, cfg.train_split, data.loader.sampler.length, total, spe, batch["global"],
                  d.world_size, batch["grad_accum"], batch["per_process"], lr, device, cfg.val_split or "nothing",
                  cfg.test_split or cfg.val_split)
-    return Run(cfg, model, raw, ema, optimizer, schedule, scaler, normalize, criterion, data, device, dtype, total,
-               spe, d, out, Progress(), writer, commit=git_commit() if d.is_main else None)
+    state = TrainState(raw, ema, optimizer, schedule, scaler)
+    numerics = Numerics(dtype, cfg.trainer.grad_accum, cfg.trainer.channels_last)
+    run = Run(cfg, d, device, out, total, spe, writer, commit=git_commit() if d.is_main else None)
+    return Training(model, criterion, normalize, state, data, numerics, run)
 
 
-def final_metrics(run: Run) -> dict[str, Any]:
+def final_metrics(t: Training) -> dict[str, Any]:
     """metrics.json: per-protocol errors of the final weights on the test split (or val), with batch, lr and config."""
-    ds = run.data.test if run.data.test is not None else run.data.val
-    metrics = validate(run, ds, list(run.cfg.final_protocols))
-    best = run.progress.best_err if math.isfinite(run.progress.best_err) else None
-    skipped = {path for part in gather_objects(sorted(run.progress.skipped), run.dist) for path in part}
+    run, p = t.run, t.state.progress
+    ds = t.data.test if t.data.test is not None else t.data.val
+    metrics = validate(t, ds, list(run.cfg.final_protocols))
+    best = p.best_err if math.isfinite(p.best_err) else None
+    skipped = {path for part in gather_objects(sorted(p.skipped), run.dist) for path in part}
     return {**metrics, "split": run.cfg.test_split or run.cfg.val_split, "best_val_top1_err": best,
-            "train_skipped": len(skipped | set(run.data.skipped)), "steps": run.progress.step,
+            "train_skipped": len(skipped | set(t.data.skipped)), "steps": p.step,
             "batch": batch_plan(run.cfg, run.dist.world_size),
             "eval_precision": run.cfg.trainer.get("eval_precision", "fp32"),
-            "lr": run.schedule.base_lr, "config": OmegaConf.to_container(run.cfg, resolve=True)}
+            "lr": t.state.schedule.base_lr, "config": OmegaConf.to_container(run.cfg, resolve=True)}
 
 
-def fit(run: Run) -> None:
+def fit(t: Training) -> None:
     """Epochs until the run's length; evaluation after each `eval_every` epochs and at the end."""
-    cfg = run.cfg
-    while run.progress.step < run.total_steps:
-        train_one_epoch(run)
+    run, cfg = t.run, t.run.cfg
+    while t.state.progress.step < run.total_steps:
+        # Train to the end of the epoch (or of the run, or a stop signal).
+        train_one_epoch(t.model, t.criterion, t.normalize, t.state, t.data, t.numerics, run)
+        p = t.state.progress
+        # A signal on any rank: checkpoint where we are and stop, saying how to continue.
         if run.stopping:
-            save(run, "last")
+            write_checkpoint("last", t.state, t.data, run)
             log.warning("%s received: checkpoint written at step %d; continue with %s",
-                        run.stop_signal or "a signal (on another rank)", run.progress.step,
+                        run.stop_signal or "a signal (on another rank)", p.step,
                         run.resume_hint or f"resume=auto name={cfg.name}")
             return
-        epoch_done = run.progress.batch == 0
-        if (epoch_done and run.progress.epoch % cfg.trainer.eval_every == 0) or run.progress.step >= run.total_steps:
-            after_epoch(run)
-    metrics = final_metrics(run)
+        # Evaluate (and checkpoint) every eval_every epochs and at the end.
+        epoch_done = p.batch == 0
+        if (epoch_done and p.epoch % cfg.trainer.eval_every == 0) or p.step >= run.total_steps:
+            after_epoch(t)
+    # The final weights on the test split (or val): metrics.json.
+    metrics = final_metrics(t)
     if run.dist.is_main:
         (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         top = metrics["center"]
@@ -709,20 +570,21 @@ def _train(cfg: DictConfig) -> None:
                                    else None, d)
         if problem:
             fail(problem)
-        ck = read_checkpoint(out / "checkpoints" / "last.pt", hint) if cfg.resume == "auto" else None
-        run = setup(cfg, d, device, out)
-        run.resume_hint = hint
+        last = out / "checkpoints" / "last.pt"
+        ck = read_checkpoint(last, hint) if cfg.resume == "auto" else None
+        t = setup(cfg, d, device, out)
+        t.run.resume_hint = hint
     except (ValueError, DataError) as e:
         fail(str(e))
+    run = t.run
     try:
-        resumed = ck is not None and resume(run, ck)
+        resumed = ck is not None and resume(last, t.state, cfg, d, device, ck, hint)
     except ValueError as e:  # another run's checkpoint (model, optimizer groups) under this name
-        if run.writer is not None:
-            run.writer.close()
+        t.close()
         fail(str(e))
     if resumed:
-        log.info("resumed %s at step %d (epoch %d, batch %d)", out, run.progress.step, run.progress.epoch,
-                 run.progress.batch)
+        p = t.state.progress
+        log.info("resumed %s at step %d (epoch %d, batch %d)", out, p.step, p.epoch, p.batch)
     if d.is_main:
         save_run_info(cfg)
 
@@ -733,18 +595,17 @@ def _train(cfg: DictConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, on_signal)
     try:
-        fit(run)
+        fit(t)
     except (NonFiniteLoss, WriteError, DataError, ValueError) as e:  # ValueError: e.g. out of GPU memory in eval
         fail(str(e))
     except OSError as e:  # metrics.json / metrics.jsonl / TensorBoard: disk full, read-only
-        fail(f"cannot write {e.filename or run.out} ({e.strerror or e}); {kept_checkpoint(run)}")
+        fail(f"cannot write {e.filename or run.out} ({e.strerror or e}); {kept_checkpoint(run.out)}")
     except RuntimeError as e:
         if not (d.enabled and peer_lost(e)):
             raise
         fail(timeout_message(run, e))
     finally:
-        if run.writer is not None:
-            run.writer.close()
+        t.close()
     cleanup(d)
 
 
@@ -755,7 +616,7 @@ def timeout_message(run: Run, e: BaseException) -> str:
     who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}" if silent else "another rank"
     return (f"rank {d.rank}: a collective got no answer from {who} within trainer.dist_timeout_s={timeout:g} s, or "
             f"lost it (a rank stopped, hung or died: SIGSTOP, a wedged GPU, a lost node) "
-            f"[{str(e).strip().splitlines()[0][:160]}]; stopping. {kept_checkpoint(run)}; continue with "
+            f"[{str(e).strip().splitlines()[0][:160]}]; stopping. {kept_checkpoint(run.out)}; continue with "
             f"{run.resume_hint} once every rank runs, or raise trainer.dist_timeout_s if a step can take that long")
 
 

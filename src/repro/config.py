@@ -8,7 +8,7 @@ the command-line apps call; YAML files pick their schema with `defaults: [base_<
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
 from typing import Any
 
@@ -20,6 +20,9 @@ from repro.data.images import ON_ERROR
 from repro.data.transforms import INTERPOLATIONS, PROTOCOLS
 from repro.distributed import DEVICE_KINDS
 from repro.engine import AVERAGES, PRECISIONS
+from repro.models import default_resolution, model_options
+from repro.models.mobilenet import ACTIVATIONS
+from repro.models.resnet import PAD_MODES, SHORTCUTS
 from repro.models.weights import WEIGHT_FORMATS
 from repro.optim import OPTIMIZERS, SCHEDULES
 
@@ -85,57 +88,29 @@ class ModelConfig:
     num_classes: int = 1000
 
 
-@dataclass
-class PlainNetConfig(ModelConfig):
-    """ImageNet plain-18/34 (paper Table 1, no shortcuts)."""
+def model_schema(name: str, model: str, doc: str) -> type:
+    """The config schema of the family of zoo model `model`: ModelConfig's keys, with the model's resolution, plus its
+    options typed and defaulted as its constructor declares them (those in MODEL_CHOICES typed as Choices)."""
+    fields: list[tuple[str, Any, Any]] = [("resolution", int, field(default=default_resolution(model)))]
+    for key, (hint, default) in model_options(model).items():
+        kind = MODEL_CHOICES.get(key)
+        fields.append((key, kind or hint, field(default=kind(default) if kind else default)))
+    schema = make_dataclass(name, fields, bases=(ModelConfig,), namespace={"__doc__": doc})
+    schema.__module__ = __name__  # pickled by reference, as a class written here
+    return schema
 
 
-@dataclass
-class ResNetConfig(ModelConfig):
-    """ImageNet ResNet-18 ... 152 (paper Table 1)."""
+Shortcut = choices("Shortcut", SHORTCUTS)  # ResNet paper §4.1: A, B, C
+ShortcutPad = choices("ShortcutPad", PAD_MODES)  # where option A puts its zero channels
+Activation = choices("Activation", ACTIVATIONS)
+MODEL_CHOICES = {"shortcut": Shortcut, "shortcut_pad": ShortcutPad, "activation": Activation}
 
-    stride_in_1x1: bool = True  # bottlenecks: stride on the first 1x1 (Caffe release) or the 3x3 (torchvision)
-    shortcut: str = "B"  # A | B | C (paper §4.1)
-    zero_init_residual: bool = False
-
-
-@dataclass
-class CifarPlainNetConfig(ModelConfig):
-    """CIFAR plain-20 ... 110 (paper §4.2)."""
-
-    resolution: int = 32
-    num_classes: int = 10
-
-
-@dataclass
-class CifarResNetConfig(CifarPlainNetConfig):
-    """CIFAR ResNet-20 ... 1202 (paper §4.2, option A)."""
-
-    shortcut: str = "A"
-    shortcut_pad: str = "after"  # after (fb.resnet.torch) | split (akamaster)
-    zero_init_residual: bool = False
-
-
-@dataclass
-class MobileNetV1Config(ModelConfig):
-    """MobileNetV1 with width multiplier, Conv and Shallow variants (Howard et al. Tables 4-9)."""
-
-    width_mult: float = 1.0  # alpha
-    full_conv: bool = False
-    shallow: bool = False
-    activation: str = "relu6"  # relu | relu6
-    dropout: float = 0.0
-
-
-@dataclass
-class MobileNetV2Config(ModelConfig):
-    """MobileNetV2 (Sandler et al. Table 2)."""
-
-    width_mult: float = 1.0
-    activation: str = "relu6"
-    dropout: float = 0.2
-
-
+PlainNetConfig = model_schema("PlainNetConfig", "plain18", "ImageNet plain-18/34 (paper Table 1, no shortcuts).")
+ResNetConfig = model_schema("ResNetConfig", "resnet18", "ImageNet ResNet-18 ... 152 (paper Table 1).")
+CifarPlainNetConfig = model_schema("CifarPlainNetConfig", "plain20", "CIFAR plain-20 ... 110 (paper §4.2).")
+CifarResNetConfig = model_schema("CifarResNetConfig", "resnet20", "CIFAR ResNet-20 ... 1202 (paper §4.2).")
+MobileNetV1Config = model_schema("MobileNetV1Config", "mobilenet_v1", "MobileNetV1 (Howard et al. Tables 4-9).")
+MobileNetV2Config = model_schema("MobileNetV2Config", "mobilenet_v2", "MobileNetV2 (Sandler et al. Table 2).")
 MODEL_SCHEMAS = {
     "base_plain": PlainNetConfig,
     "base_resnet": ResNetConfig,

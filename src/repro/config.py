@@ -31,15 +31,13 @@ class Choice(str, Enum):
     """One of a few fixed strings: the type of a config option that takes one of them (see `choices`).
 
     A config built from the schemas refuses any other value, naming the valid ones. A member is its string:
-    `==`, `in`, hashing (dict keys), f-strings, `repr` and `json.dumps` see the plain value, and OmegaConf writes it
-    to YAML as that value. Only pickle keeps the Enum: what is saved with torch.save goes through `plain()` first.
+    `==`, `in`, hashing (dict keys), `str`, f-strings (Enum's format follows an overridden `__str__`, Python 3.10
+    on), `repr` and `json.dumps` see the plain value, and OmegaConf writes it to YAML as that value. Only pickle
+    keeps the Enum: what is saved with torch.save goes through `plain()` first.
     """
 
     def __str__(self) -> str:
         return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
 
     def __repr__(self) -> str:
         return repr(self.value)

@@ -37,9 +37,11 @@ class Choice(str, Enum):
     """
 
     def __str__(self) -> str:
+        """The value itself (`bf16`, not `Amp.bf16`)."""
         return str(self.value)
 
     def __repr__(self) -> str:
+        """The value's repr (`'bf16'`), as messages that quote a plain string show it."""
         return repr(self.value)
 
 

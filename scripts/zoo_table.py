@@ -7,25 +7,31 @@ from __future__ import annotations
 
 from repro.complexity import summarize
 from repro.models import create_model, default_resolution, list_models, model_kwargs
+from repro.reference import COMPLEXITY
 
-PAPER = {  # the papers' printed figures, for the reader's comparison
-    "resnet18": "1.8G mult-adds", "resnet34": "3.6G mult-adds", "resnet50": "3.8G mult-adds",
-    "resnet101": "7.6G mult-adds", "resnet152": "11.3G mult-adds",
-    "resnet20": "0.27M params", "resnet32": "0.46M params", "resnet44": "0.66M params",
-    "resnet56": "0.85M params", "resnet110": "1.7M params", "resnet1202": "19.4M params",
-    "mobilenet_v1": "569M mult-adds, 4.2M params", "mobilenet_v2": "300M mult-adds, 3.4M params",
-}
+
+def paper_figures() -> dict[str, str]:
+    """The papers' figures for each zoo model at its defaults (its first row in repro.reference.COMPLEXITY)."""
+    figures: dict[str, str] = {}
+    for row in COMPLEXITY:
+        if row.kwargs or row.resolution != default_resolution(row.model) or row.model in figures:
+            continue
+        madds = row.madds_m and (f"{row.madds_m / 1e3:g}G" if row.madds_m >= 1e3 else f"{row.madds_m:g}M")
+        figures[row.model] = ", ".join([*([f"{madds} mult-adds"] if madds else []),
+                                        *([f"{row.params_m:g}M params"] if row.params_m else [])])
+    return figures
 
 
 def zoo_table() -> str:
     """The zoo as a Markdown table."""
     rows = ["| model | input | options (kwargs) | params | mult-adds | paper |", "|---|---|---|---:|---:|---|"]
+    paper = paper_figures()
     for name in list_models():
         r = default_resolution(name)
         s = summarize(create_model(name), r)
         opts = ", ".join(k for k in model_kwargs(name) if k != "num_classes")
         rows.append(f"| `{name}` | {r} | {opts} | {s['params'] / 1e6:.2f}M | {s['macs'] / 1e6:,.1f}M "
-                    f"| {PAPER.get(name, '')} |")
+                    f"| {paper.get(name, '')} |")
     return "\n".join(rows)
 
 

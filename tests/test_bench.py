@@ -75,7 +75,8 @@ def test_table_format_and_executorch(repro_bench, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["bench.backends=[tflite]"], "['tflite'] not valid; choose from ['eager', 'compile', 'onnxruntime', "),
+    (["bench.backends=[tflite]"], "bench.backends[0]='tflite' is not valid; choose one of ['eager', 'compile', "
+                                  "'onnxruntime', 'executorch']"),
     (["bench.batch_sizes=[0]"], "bench.batch_sizes=[0] is not valid"),
     (["bench.threads=0"], "bench.threads=0 is not valid"),
     (["format=csv"], "format='csv' is not valid"),

@@ -62,20 +62,20 @@ def _same_model(built: torch.nn.Module, expected: torch.nn.Module, size: int) ->
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", [n for n in list_models() if n != "resnet1202"])
 def test_model_configs_build_their_model(name):
-    """Each model config builds create_model(name, **the options its YAML file states), read here with PyYAML
-    (same layers, shapes, seeded weights and outputs) at the zoo's resolution; and with every option overridden
-    on the command line (to values that are no model's default), create_model with those values."""
+    """Each model config builds create_model(name) (same layers, shapes, seeded weights and outputs) at the zoo's
+    resolution: its YAML file, read here with PyYAML, states no option, the constructor's defaults being their one
+    home; and with every option overridden on the command line (to values that are no model's default),
+    create_model with those values."""
     raw = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())
-    options = {k: v for k, v in raw.items() if k not in ("defaults", "name", "resolution")}
-    assert raw["name"] == name and set(options) == set(model_kwargs(name))  # the YAML states every option
+    assert raw["name"] == name and set(raw) == {"defaults", "name", "resolution"}
     cfg = OmegaConf.to_container(compose_summary(f"model={name}").model)
     assert cfg["resolution"] == raw["resolution"] == default_resolution(name)  # 224 ImageNet, 32 CIFAR
     size = 64 if cfg["resolution"] == 224 else 32
     torch.manual_seed(0)
     built = create_model_from_config(cfg)
     torch.manual_seed(0)
-    _same_model(built, create_model(name, **options), size)
-    changed = {k: OVERRIDES[k] for k in options}
+    _same_model(built, create_model(name), size)
+    changed = {k: OVERRIDES[k] for k in model_kwargs(name)}
     args = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changed.items()]
     cfg = OmegaConf.to_container(compose_summary(f"model={name}", *args).model)
     torch.manual_seed(0)
@@ -94,6 +94,61 @@ def test_wrong_type_in_override_fails_when_config_is_built():
     """A value of the wrong type is refused by the structured config."""
     with pytest.raises(ConfigCompositionException, match="width_mult"):
         compose_summary("model=mobilenet_v1", "model.width_mult=wide")
+
+
+def compose_app(config: str, *overrides: str):
+    """Compose a command's config (train, eval, ...) as its command line would."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config, overrides=list(overrides))
+
+
+# (command config, override, the valid choices as the README states them)
+BAD_CHOICES = [
+    ("train", "trainer.amp=bf61", ["auto", "bf16", "fp16", "off"]),
+    ("train", "trainer.device=tpu", ["auto", "cpu", "cuda"]),
+    ("train", "recipe.augment.train=pad", ["pad_crop", "scale_aug", "inception", "mobilenet", "none"]),
+    ("train", "data.on_error=ignore", ["raise", "skip"]),
+    ("train", "data.decode=nvjpeg", ["cpu", "gpu"]),
+    ("train", "resume=maybe", ["never", "auto"]),
+    ("train", "model.shortcut=D", ["A", "B", "C"]),
+    ("eval", "eval.average=mean", ["softmax", "logits"]),
+    ("eval", "eval.precision=fp8", ["fp32", "tf32", "bf16", "fp16"]),
+    ("eval", "weights.format=caffe", ["repro", "torchvision", "akamaster"]),
+    ("summary", "format=xml", ["table", "json"]),
+]
+
+
+@pytest.mark.parametrize(("config", "override", "valid"), BAD_CHOICES)
+def test_bad_choice_is_refused_when_config_is_built(config, override, valid):
+    """The schema itself refuses a value outside an option's choices while composing (no command's checks run),
+    listing the valid ones; each valid one composes, and reads back as that plain string."""
+    key, value = override.split("=")
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_app(config, override)
+    assert value in str(info.value.__cause__) and str(valid).replace("'", "") in str(info.value.__cause__)
+    for choice in valid:
+        got = OmegaConf.select(compose_app(config, f"{key}={choice}"), key)
+        assert got == choice and f"{got}" == choice and json.dumps(got) == f'"{choice}"'
+
+
+@pytest.mark.parametrize(("prog", "args", "line"), [
+    ("repro-train", ["trainer.amp=bf61"],
+     "trainer.amp='bf61' is not valid; choose one of ['auto', 'bf16', 'fp16', 'off']"),
+    ("repro-eval", ["weights.path=x.pt", "eval.protocols=[center,tencrop]"],
+     "eval.protocols[1]='tencrop' is not valid; choose one of ['center', 'ten_crop', 'multi_scale', 'slim_center']"),
+    ("repro-summary", ["model=resnet56", "model.shortcut_pad=both"],
+     "model.shortcut_pad='both' is not valid; choose one of ['after', 'split']"),
+])
+def test_bad_choice_is_one_line_through_the_cli(in_process, tmp_path, prog, args, line):
+    """Through the console script a bad choice is one line naming key, value and choices; exit 2, nothing written."""
+    from repro import eval, summary, train
+
+    main = {"repro-train": train.main, "repro-eval": eval.main, "repro-summary": summary.main}[prog]
+    res = in_process(main, prog, *args, cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [f"error: {line}"]
+    assert not list(tmp_path.iterdir())
 
 
 def test_summary_json(tmp_path):

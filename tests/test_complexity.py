@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import SHARED
 from repro.complexity import summarize
 from repro.models import create_model
 from repro.models.mobilenet import ConvBNAct, depthwise_separable
 from repro.reference import (
     COMPLEXITY,
+    MOBILENET_PRINTED,
     MOBILENET_TABLE2,
     MOBILENET_TABLE2_MISPRINTS,
     MOBILENET_TABLE3,
+    MOBILENET_VARIANTS,
+    RESNET_10CROP,
+    RESNET_CIFAR,
+    RESNET_MADDS,
     SLIM_V2_MACS,
     SLIM_V2_MACS_224,
     SLIM_V2_PARAMS,
@@ -199,3 +206,29 @@ def test_layer_rows_hand_computed():
     assert layers[0] == {"name": "conv1", "type": "conv7x7", "output": [64, 112, 112], "kernel": "7x7/2",
                          "params": 9408, "weights": 9408, "macs": 112 * 112 * 64 * 147}
     assert layers[-1]["type"] == "fc" and layers[-1]["macs"] == 512_000 and layers[-1]["params"] == 513_000
+
+
+PAPERS_MD = SHARED / "PAPERS.md"
+
+
+@pytest.mark.skipif(not PAPERS_MD.is_file(), reason=f"{PAPERS_MD} absent")
+def test_reference_figures_are_papers_md():
+    """The figures reference.py keeps once are those PAPERS.md prints: MobileNet Tables 4-9 (accuracy, mult-adds,
+    params per model), ResNet Table 6 (params, error), Table 3 (10-crop top-1/top-5) and Table 1 (G mult-adds)."""
+    text = PAPERS_MD.read_text()
+    v1 = {}
+    for label, acc, madds, params in re.findall(r"^\| ([^|]*MobileNet[^|]*) \| ([\d.]+) \| (\d+) \| ([\d.]+) \|$", text,
+                                                re.M):
+        variant = {"Conv": "full_conv", "Shallow": "shallow"}.get(label.split()[0])
+        alpha, res = re.match(r"([\d.]+) MobileNet-(\d+)", label).groups() if variant is None else (0, 0)
+        v1[variant or (float(alpha), int(res))] = (float(acc), int(madds), float(params))
+    assert v1 == {**MOBILENET_PRINTED, **MOBILENET_VARIANTS}  # 10 rows, each once
+    cifar = {int(n): (float(err), float(params))
+             for n, params, err in re.findall(r"ResNet-(\d+) \((\d+\.\d+)M\) (\d+\.\d+)", text)}
+    assert cifar == RESNET_CIFAR
+    table3 = text[text.index("Table 3 (10-crop)"):text.index("(VGG-16")]
+    rows = {m.replace("-", "").lower() + (f"_{o}" if o else ""): (float(a), float(b))
+            for m, o, a, b in re.findall(r"((?:plain|ResNet)-\d+) ?([ABC])? (\d+\.\d+)/(\d+\.\d+)", table3)}
+    assert rows == RESNET_10CROP
+    table1 = re.findall(r"^\| (\d+) \|.*\| ([\d.]+)×10\^9 \|$", text, re.M)
+    assert {f"resnet{n}": round(float(g) * 1e3, 6) for n, g in table1} == RESNET_MADDS

@@ -137,7 +137,7 @@ def test_failed_check_is_reported_and_kept(repro_export, tmp_path):
     (["export.out=missing/dir/m.onnx"], "the folder missing/dir does not exist"),
     (["export.out=."], "is a folder; give a file name inside it"),
     (["export.out=m.pt"], "must end in .onnx for export.format=onnx"),
-    (["export.out=m.onnx", "export.format=tflite"], "export.format='tflite' is not supported; choose one of ['onnx']"),
+    (["export.out=m.onnx", "export.format=tflite"], "export.format='tflite' is not valid; choose one of ['onnx']"),
     ([], "give the file to write: export.out=FILE.onnx"),
     (["export.out=m.onnx", "weights.format=caffe"], "weights.format='caffe' is not valid"),
 ])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -469,6 +470,31 @@ def test_checkpoint_contents(sigterm_run):
     for k, v in model.state_dict().items():
         assert torch.equal(v, ck["model"][k]), k
     assert ck["config"]["model"]["name"] == "resnet20" and ck["config"]["data"]["name"] == "digits"
+
+
+def _leaves(node, key: str = ""):
+    """(dotted key, value) of every leaf of a nested dict/list."""
+    if isinstance(node, dict):
+        return [leaf for k, v in node.items() for leaf in _leaves(v, f"{key}.{k}" if key else k)]
+    if isinstance(node, list):
+        return [leaf for i, v in enumerate(node) for leaf in _leaves(v, f"{key}[{i}]")]
+    return [(key, node)]
+
+
+def test_choices_are_stored_as_plain_strings(sigterm_run):
+    """Options typed as choices are written as their plain strings: the checkpoint's config (read with
+    weights_only=True, no class of ours inside), config.yaml (as PyYAML's safe loader reads it, no `Amp.auto`)."""
+    _, run = sigterm_run
+    stored = load_ck(run / "checkpoints" / "last.pt")["config"]
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    for cfg in (stored, written):
+        assert {type(v) for _, v in _leaves(cfg)} <= {str, int, float, bool, type(None)}
+        assert cfg["model"]["shortcut"] == "A" and cfg["model"]["shortcut_pad"] == "after"
+        assert (cfg["data"]["on_error"], cfg["data"]["decode"]) == ("raise", "cpu")
+        assert (cfg["recipe"]["augment"]["train"], cfg["recipe"]["optimizer"]["name"]) == ("pad_crop", "sgd")
+    assert (written["trainer"]["amp"], written["trainer"]["device"], written["resume"]) == ("auto", "auto", "never")
+    assert written["final_protocols"] == ["center"]
+    assert "\n  amp: auto\n" in (run / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize(("arg", "message"), [

@@ -16,11 +16,9 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 from repro.analysis import checkpoint_response_stds
-from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, save_run_info
+from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, check_overrides, fail, save_run_info
 from repro.config import register_configs
 from repro.distributed import select_device
-
-FORMATS = ("table", "json")
 
 
 def _paths(value: Any) -> list[str]:
@@ -60,8 +58,6 @@ def format_table(results: list[dict[str, Any]], labels: list[str]) -> str:
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_DIR, config_name="analyze")
 def _analyze(cfg: DictConfig) -> None:
     """Measure each checkpoint's layer-response stds, print them, keep them and Fig. 7 in the run dir."""
-    if cfg.format not in FORMATS:
-        fail(f"format={cfg.format!r} is not valid; choose one of {list(FORMATS)}")
     try:
         device = select_device(cfg.device)
     except ValueError as e:
@@ -92,6 +88,7 @@ def _analyze(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point of `repro-analyze`."""
     register_configs()
+    check_overrides("analyze")
     _analyze()
 
 

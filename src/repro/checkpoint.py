@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from repro.config import plain
 from repro.data import Preprocessing
 from repro.distributed import Dist, broadcast_state, gather_objects
 from repro.optim import LRSchedule
@@ -113,7 +114,7 @@ def checkpoint(state: TrainState, cfg: DictConfig, preprocessing: Preprocessing,
                ranks_rng: list[dict[str, Any]]) -> dict[str, Any]:
     """The checkpoint dict: weights (`model`), the state to resume (`ranks_rng`: every rank's generators, in rank
     order), and what evaluation needs (config, preprocessing, git commit)."""
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = plain(cfg)  # choices as plain strings: torch.load(weights_only=True) reads them
     p = state.progress
     return {
         "model": state.model.state_dict(),

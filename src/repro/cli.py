@@ -6,6 +6,7 @@ import atexit
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -196,25 +197,48 @@ class RunDirGuard(Callback):
             fail(problem)
 
 
-def check_data_keys(config_name: str, argv: list[str], owners: dict[str, tuple[str, ...]]) -> None:
-    """Explain `data.KEY=...` overrides the chosen dataset does not have, naming the `data=` that has them.
+def check_overrides(config_name: str, data_owners: dict[str, tuple[str, ...]] | None = None,
+                    argv: list[str] | None = None) -> None:
+    """Compose the config of the command line (`argv`, default sys.argv[1:]) once, so that an override the schemas
+    refuse stops the command with one clear line (exit code 2) instead of Hydra's report.
 
-    Only when such a key is given: the config is then composed once here, and if Hydra refuses that key, the
-    command stops with this message instead of Hydra's (which does not say what to add).
+    A value outside an option's choices (typed by repro.config.Choice): `KEY='VALUE' is not valid; choose one of
+    [...]`. A `data.KEY=` the chosen dataset does not have (`data_owners`: key -> the datasets that have it): the
+    `data=` that has it. Any other problem is left to Hydra, which composes the config again and reports it.
     """
-    given = [a for a in argv if a.split("=", 1)[0] in {f"data.{k}" for k in owners}]
-    if not given:
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [a for a in argv if not a.startswith(("hydra.", "hydra/", "-"))]
+    if not overrides:
         return
     from hydra import compose, initialize_config_dir
 
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base=HYDRA_VERSION_BASE):
-            compose(config_name, overrides=[a for a in argv if not a.startswith(("hydra.", "hydra/", "-"))])
-    except Exception as e:  # Hydra's composition error; only the keys named here are explained
-        for arg in given:
-            key = arg.split("=", 1)[0]
-            if f"'{key}'" in str(e) or f"'{key[len('data.'):]}'" in str(e):
-                data = [a.split("=", 1)[1] for a in argv if a.startswith("data=")]
-                fail(f"{key} is a key of {' and '.join(f'data={o}' for o in owners[key[5:]])}, not of "
-                     f"data={data[-1] if data else 'digits (the default)'}; add data={owners[key[5:]][0]} (with "
-                     f"data.train_dir= and data.val_dir=, or data.root=)")
+            compose(config_name, overrides=overrides)
+    except Exception as e:  # Hydra's composition error, caused by OmegaConf's
+        problem = bad_choice(e) or (data_key_problem(str(e), argv, data_owners) if data_owners else None)
+        if problem:
+            fail(problem)
+
+
+def bad_choice(e: BaseException) -> str | None:
+    """`KEY='VALUE' is not valid; choose one of [...]` when `e` (or its cause) refuses a value outside a Choice."""
+    while e is not None:
+        found = re.match(r"Invalid value '.*', expected one of \[(.*)\]", str(getattr(e, "msg", "")))
+        if found and getattr(e, "full_key", None):
+            return f"{e.full_key}={e.value!r} is not valid; choose one of {found.group(1).split(', ')}"
+        e = e.__cause__
+    return None
+
+
+def data_key_problem(error: str, argv: list[str], owners: dict[str, tuple[str, ...]]) -> str | None:
+    """Why a `data.KEY=` override that Hydra refused (`error`) does not fit: the dataset that has KEY, or None."""
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        name = key.removeprefix("data.")
+        if key.startswith("data.") and name in owners and (f"'{key}'" in error or f"'{name}'" in error):
+            data = [a.split("=", 1)[1] for a in argv if a.startswith("data=")]
+            return (f"{key} is a key of {' and '.join(f'data={o}' for o in owners[name])}, not of "
+                    f"data={data[-1] if data else 'digits (the default)'}; add data={owners[name][0]} (with "
+                    f"data.train_dir= and data.val_dir=, or data.root=)")
+    return None

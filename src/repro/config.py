@@ -7,11 +7,76 @@ the command-line apps call; YAML files pick their schema with `defaults: [base_<
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, make_dataclass
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from repro.data.device_decode import DECODES
+from repro.data.images import ON_ERROR
+from repro.data.transforms import INTERPOLATIONS, PROTOCOLS
+from repro.distributed import DEVICE_KINDS
+from repro.engine import AVERAGES, PRECISIONS
+from repro.models import default_resolution, model_options
+from repro.models.mobilenet import ACTIVATIONS
+from repro.models.resnet import PAD_MODES, SHORTCUTS
+from repro.models.weights import WEIGHT_FORMATS
+from repro.optim import OPTIMIZERS, SCHEDULES
+
+
+class Choice(str, Enum):
+    """One of a few fixed strings: the type of a config option that takes one of them (see `choices`).
+
+    A config built from the schemas refuses any other value, naming the valid ones. A member is its string:
+    `==`, `in`, hashing (dict keys), `str`, f-strings (Enum's format follows an overridden `__str__`, Python 3.10
+    on), `repr` and `json.dumps` see the plain value, and OmegaConf writes it to YAML as that value. Only pickle
+    keeps the Enum: what is saved with torch.save goes through `plain()` first.
+    """
+
+    def __str__(self) -> str:
+        """The value itself (`bf16`, not `Amp.bf16`)."""
+        return str(self.value)
+
+    def __repr__(self) -> str:
+        """The value's repr (`'bf16'`), as messages that quote a plain string show it."""
+        return repr(self.value)
+
+
+def choices(name: str, values: Iterable[str]) -> type[Choice]:
+    """A Choice type whose members are `values`, each named by its own value (OmegaConf converts a string by member
+    name; the functional form also takes values that are Python keywords, such as `raise`)."""
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)  # type: ignore[return-value]
+
+
+def plain(cfg: DictConfig) -> Any:
+    """The resolved config as plain Python values (choices as their strings): what checkpoints store, so that
+    `torch.load(..., weights_only=True)` reads them."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+# The options that take one of a few values. Where code implements the choices (a dict of transforms, the
+# optimizers), the values come from there; the others are the config's own.
+Device = choices("Device", DEVICE_KINDS)  # auto: CUDA when available
+Amp = choices("Amp", ("auto", "bf16", "fp16", "off"))  # training autocast
+Precision = choices("Precision", PRECISIONS)  # of evaluation: fp32 = full fp32 (TF32 off on CUDA)
+Augment = choices("Augment", ("pad_crop", "scale_aug", "inception", "mobilenet", "none"))
+LengthUnit = choices("LengthUnit", ("epochs", "steps"))
+Resume = choices("Resume", ("never", "auto"))
+OnError = choices("OnError", ON_ERROR)  # what an unusable image does
+Decode = choices("Decode", DECODES)  # where training JPEGs are decoded
+Protocol = choices("Protocol", PROTOCOLS)
+Average = choices("Average", AVERAGES)  # of 10-crop / multi-scale scores
+Interpolation = choices("Interpolation", INTERPOLATIONS)
+WeightFormat = choices("WeightFormat", WEIGHT_FORMATS)
+OptimizerName = choices("OptimizerName", OPTIMIZERS)
+ScheduleName = choices("ScheduleName", SCHEDULES)
+Format = choices("Format", ("table", "json"))  # of a command's printed report
+BenchDevice = choices("BenchDevice", ("cpu", "cuda"))
+Backend = choices("Backend", ("eager", "compile", "onnxruntime", "executorch"))  # what repro-bench times
+ExportFormat = choices("ExportFormat", ("onnx",))
 
 
 @dataclass
@@ -23,57 +88,29 @@ class ModelConfig:
     num_classes: int = 1000
 
 
-@dataclass
-class PlainNetConfig(ModelConfig):
-    """ImageNet plain-18/34 (paper Table 1, no shortcuts)."""
+def model_schema(name: str, model: str, doc: str) -> type:
+    """The config schema of the family of zoo model `model`: ModelConfig's keys, with the model's resolution, plus its
+    options typed and defaulted as its constructor declares them (those in MODEL_CHOICES typed as Choices)."""
+    fields: list[tuple[str, Any, Any]] = [("resolution", int, field(default=default_resolution(model)))]
+    for key, (hint, default) in model_options(model).items():
+        kind = MODEL_CHOICES.get(key)
+        fields.append((key, kind or hint, field(default=kind(default) if kind else default)))
+    schema = make_dataclass(name, fields, bases=(ModelConfig,), namespace={"__doc__": doc})
+    schema.__module__ = __name__  # pickled by reference, as a class written here
+    return schema
 
 
-@dataclass
-class ResNetConfig(ModelConfig):
-    """ImageNet ResNet-18 ... 152 (paper Table 1)."""
+Shortcut = choices("Shortcut", SHORTCUTS)  # ResNet paper §4.1: A, B, C
+ShortcutPad = choices("ShortcutPad", PAD_MODES)  # where option A puts its zero channels
+Activation = choices("Activation", ACTIVATIONS)
+MODEL_CHOICES = {"shortcut": Shortcut, "shortcut_pad": ShortcutPad, "activation": Activation}
 
-    stride_in_1x1: bool = True  # bottlenecks: stride on the first 1x1 (Caffe release) or the 3x3 (torchvision)
-    shortcut: str = "B"  # A | B | C (paper §4.1)
-    zero_init_residual: bool = False
-
-
-@dataclass
-class CifarPlainNetConfig(ModelConfig):
-    """CIFAR plain-20 ... 110 (paper §4.2)."""
-
-    resolution: int = 32
-    num_classes: int = 10
-
-
-@dataclass
-class CifarResNetConfig(CifarPlainNetConfig):
-    """CIFAR ResNet-20 ... 1202 (paper §4.2, option A)."""
-
-    shortcut: str = "A"
-    shortcut_pad: str = "after"  # after (fb.resnet.torch) | split (akamaster)
-    zero_init_residual: bool = False
-
-
-@dataclass
-class MobileNetV1Config(ModelConfig):
-    """MobileNetV1 with width multiplier, Conv and Shallow variants (Howard et al. Tables 4-9)."""
-
-    width_mult: float = 1.0  # alpha
-    full_conv: bool = False
-    shallow: bool = False
-    activation: str = "relu6"  # relu | relu6
-    dropout: float = 0.0
-
-
-@dataclass
-class MobileNetV2Config(ModelConfig):
-    """MobileNetV2 (Sandler et al. Table 2)."""
-
-    width_mult: float = 1.0
-    activation: str = "relu6"
-    dropout: float = 0.2
-
-
+PlainNetConfig = model_schema("PlainNetConfig", "plain18", "ImageNet plain-18/34 (paper Table 1, no shortcuts).")
+ResNetConfig = model_schema("ResNetConfig", "resnet18", "ImageNet ResNet-18 ... 152 (paper Table 1).")
+CifarPlainNetConfig = model_schema("CifarPlainNetConfig", "plain20", "CIFAR plain-20 ... 110 (paper §4.2).")
+CifarResNetConfig = model_schema("CifarResNetConfig", "resnet20", "CIFAR ResNet-20 ... 1202 (paper §4.2).")
+MobileNetV1Config = model_schema("MobileNetV1Config", "mobilenet_v1", "MobileNetV1 (Howard et al. Tables 4-9).")
+MobileNetV2Config = model_schema("MobileNetV2Config", "mobilenet_v2", "MobileNetV2 (Sandler et al. Table 2).")
 MODEL_SCHEMAS = {
     "base_plain": PlainNetConfig,
     "base_resnet": ResNetConfig,
@@ -93,9 +130,9 @@ class DataConfig:
     num_classes: Any = 1000  # the model's class count follows it (folder: null = one per class folder)
     batch_size: int = 256  # images per batch per process (ten_crop puts 10 views of each through the net)
     num_workers: int = 8  # loader processes per GPU process
-    on_error: str = "raise"  # raise | skip: what an unusable image does (skipped ones are counted)
+    on_error: OnError = OnError("raise")  # what an unusable image does (skipped ones are counted)
     limit: Any = None  # use at most N images of each split (a seeded sample): quick runs and smoke tests
-    decode: str = "cpu"  # cpu | gpu: training JPEGs decoded by the loader workers, or in batches on the GPU (nvJPEG)
+    decode: Decode = Decode("cpu")  # training JPEGs decoded by the loader workers, or in batches on the GPU (nvJPEG)
     max_pixels: Any = 100_000_000  # larger images (width x height, read from the header) are refused; null = no limit
 
 
@@ -154,7 +191,7 @@ class CheckpointDataConfig:
     split: Any = None
     batch_size: Any = None
     num_workers: Any = None
-    on_error: Any = None
+    on_error: OnError | None = None
     limit: Any = None
     download: Any = None
 
@@ -172,7 +209,7 @@ DATA_SCHEMAS = {
 class OptimizerConfig:
     """The optimizer of a recipe."""
 
-    name: str = "sgd"  # sgd | rmsprop_tf (TF's RMSProp: epsilon inside the root, timm's RMSpropTF)
+    name: OptimizerName = OptimizerName("sgd")  # rmsprop_tf: TF's RMSProp (epsilon inside the root, timm's RMSpropTF)
     lr: float = 0.1  # at recipe.lr_batch_size; scaled linearly with the global batch when recipe.scale_lr
     momentum: float = 0.9
     nesterov: bool = False
@@ -190,7 +227,7 @@ class ScheduleConfig:
     A shortened run (trainer.max_epochs / trainer.max_steps) stretches milestones and decay steps in proportion.
     """
 
-    name: str = "multistep"  # multistep | exponential | plateau | constant
+    name: ScheduleName = ScheduleName("multistep")
     milestones: list[float] = field(default_factory=list)  # multistep: where lr is multiplied by gamma
     gamma: float = 0.1  # multistep / plateau factor; exponential: factor per `every`
     every: float = 1.0  # exponential: decay step (staircase)
@@ -205,7 +242,7 @@ class ScheduleConfig:
 class AugmentConfig:
     """Training augmentation (uint8, in the loader) and device-side color augmentation."""
 
-    train: str = "pad_crop"  # pad_crop (CIFAR) | scale_aug (ResNet §3.4) | inception | mobilenet | none
+    train: Augment = Augment("pad_crop")  # pad_crop (CIFAR) | scale_aug (ResNet §3.4) | inception | mobilenet | none
     crop: Any = "auto"  # training crop side: auto = the model's resolution
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # inception/mobilenet: crop area fraction
     min_size: int = 256  # scale_aug: shorter side range
@@ -229,7 +266,7 @@ class RecipeConfig:
     #                            null = batch_size. Recipes set it, so that overriding batch_size rescales
     scale_lr: bool = True  # lr x batch_size / lr_batch_size
     length: float = 90  # run length in length_unit
-    length_unit: str = "epochs"  # epochs | steps
+    length_unit: LengthUnit = LengthUnit("epochs")
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # >0: keep an exponential moving average of the weights, evaluated too
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -241,11 +278,11 @@ class RecipeConfig:
 class TrainerConfig:
     """How a run executes (`configs/trainer/`): device, precision, length overrides, logging, checkpoints."""
 
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device("auto")
     max_epochs: Any = None  # shorten (or lengthen) the recipe to this many epochs
     max_steps: Any = None  # ... or to this many optimizer steps (wins over max_epochs)
     grad_accum: int = 1  # micro-batches per optimizer step (keeps the paper's batch on fewer GPUs)
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    amp: Amp = Amp("auto")  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     channels_last: bool = True  # model and batches in NHWC (CUDA and CPU)
     compile: bool = False  # torch.compile the model
     cudnn_benchmark: bool = True
@@ -253,7 +290,7 @@ class TrainerConfig:
     eval_every: int = 1  # validate every N epochs (and at the end)
     checkpoint_every: int = 500  # write checkpoints/last.pt every N optimizer steps (and at the end)
     checkpoint_every_s: Any = 1800  # ... and every N seconds (checked at log steps under torchrun); null = off
-    eval_precision: str = "fp32"  # evaluation (per epoch and final): fp32 (TF32 off) | tf32 | bf16 | fp16
+    eval_precision: Precision = Precision("fp32")  # of the evaluations (per epoch and final); fp32: TF32 off
     log_every: int = 20  # TensorBoard train scalars every N steps
     dist_timeout_s: float = 1800  # torchrun: a collective waiting longer on a stopped or hung rank stops the run
     progress: bool = True  # progress bars with throughput
@@ -269,11 +306,11 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     name: str = MISSING  # the run dir's name under outputs/train/ (default: a timestamp)
     seed: int = 0
-    resume: str = "never"  # never | auto (continue this run dir from checkpoints/last.pt, if any)
+    resume: Resume = Resume("never")  # auto: continue this run dir from checkpoints/last.pt, if any
     train_split: str = "train"
     val_split: Any = "val"  # the split evaluated after each epoch (curves, best.pt); null = none
     test_split: Any = None  # also evaluated at the end (e.g. CIFAR test); null = none
-    final_protocols: list[str] = field(default_factory=lambda: ["center"])  # protocols of the final evaluation
+    final_protocols: list[Protocol] = field(default_factory=lambda: [Protocol("center")])  # of the final evaluation
 
 
 @dataclass
@@ -281,28 +318,28 @@ class WeightsConfig:
     """Which weights to evaluate and how they are stored."""
 
     path: Any = None  # a checkpoint file
-    format: str = "repro"  # repro | torchvision | akamaster
+    format: WeightFormat = WeightFormat("repro")
 
 
 @dataclass
 class EvalOptions:
     """The test protocols (`repro-eval eval.*`)."""
 
-    protocols: list[str] = field(default_factory=lambda: ["center"])  # center | ten_crop | multi_scale | slim_center
-    average: str = "softmax"  # softmax (authors' Caffe models) | logits (fb.resnet.torch)
+    protocols: list[Protocol] = field(default_factory=lambda: [Protocol("center")])
+    average: Average = Average("softmax")  # softmax (authors' Caffe models) | logits (fb.resnet.torch)
     resize: Any = "auto"  # shorter side before cropping; auto = resolution / 0.875 (CIFAR: none); null = none
     crop: Any = "auto"  # auto = the model's resolution (CIFAR: none); null = the whole image
     scales: list[int] = field(default_factory=lambda: [224, 256, 384, 480, 640])  # multi_scale shorter sides
     flip: bool = True  # multi_scale: average each scale with its horizontal flip
-    interpolation: str = "bilinear"  # bilinear | bicubic | nearest
+    interpolation: Interpolation = Interpolation("bilinear")
     antialias: bool = True  # torchvision's preset
     central_fraction: float = 0.875  # slim_center: central fraction of each side, then resized to crop x crop
     bn_recalibrate: int = 0  # >0: also evaluate after recomputing BN statistics over this many training images
     bn_recalibrate_split: str = "train"  # the split those images come from
     save_predictions: bool = False  # also write predictions.csv
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device("auto")
     amp: bool = False  # bf16 autocast on CUDA (the same as precision=bf16)
-    precision: Any = None  # fp32 (TF32 off) | tf32 | bf16 | fp16; null = fp32, or bf16 with eval.amp=true
+    precision: Precision | None = None  # null = fp32 (TF32 off), or bf16 with eval.amp=true
     progress: bool = True
 
 
@@ -321,7 +358,7 @@ class SummaryConfig:
     """`repro-summary`: complexity of one model."""
 
     model: Any = MISSING
-    format: str = "table"  # table | json
+    format: Format = Format("table")
 
 
 @dataclass
@@ -345,16 +382,16 @@ class AnalyzeConfig:
     data_root: Any = None  # overrides the checkpoints' data.root
     split: Any = None  # null: each run's test split, else its val split
     images: Any = 1000  # per checkpoint; null: all
-    device: str = "auto"  # auto | cpu | cuda
-    format: str = "table"  # table | json
+    device: Device = Device("auto")
+    format: Format = Format("table")
 
 
 @dataclass
 class SelfcheckConfig:
     """`repro-selfcheck`: is this machine ready? PASS / FAIL / SKIP per check."""
 
-    format: str = "table"  # table | json
-    device: str = "auto"  # auto | cpu | cuda: the device checks run on (CUDA checks SKIP on a CPU)
+    format: Format = Format("table")
+    device: Device = Device("auto")  # the device checks run on (CUDA checks SKIP on a CPU)
     checks: Any = None  # groups to run (environment, collectives, training, ...); null: all
     train_steps: int = 30  # optimizer steps of each training check
     cpu_batch: int = 32  # ResNet-20 batch of the digits checks (CPU training, parity, resume)
@@ -367,7 +404,7 @@ class SelfcheckConfig:
 class ExportOptions:
     """`repro-export export.*`: the format, the output file and the self-check."""
 
-    format: str = "onnx"  # onnx
+    format: ExportFormat = ExportFormat("onnx")  # onnx
     out: Any = None  # the file to write (e.g. mobilenet_v2.onnx); its folder must exist
     opset: Any = None  # ONNX opset; null = the exporter's default
     check_images: Any = "auto"  # folder of images for the self-check; auto = ../shared/data (ImageNet or CIFAR)
@@ -388,10 +425,10 @@ class ExportConfig:
 class BenchOptions:
     """`repro-bench bench.*`: what is timed and how."""
 
-    backends: list[str] = field(default_factory=lambda: ["eager", "onnxruntime"])  # + compile, executorch
+    backends: list[Backend] = field(default_factory=lambda: [Backend("eager"), Backend("onnxruntime")])
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     threads: int = 1  # torch intra/inter-op threads and ONNX Runtime / ExecuTorch threads, set alike
-    device: str = "cpu"  # cpu | cuda
+    device: BenchDevice = BenchDevice("cpu")
     warmup: int = 10  # untimed calls first (oneDNN / ORT build their kernels on the first calls)
     iters: int = 50  # timed calls; latency_ms is their median, latency_ms_p90 the 90th percentile
     channels_last: bool = True  # eager and compile: NHWC memory format (as repro-eval; faster on the CPU)
@@ -404,7 +441,7 @@ class BenchConfig:
     model: Any = None  # null: taken from a repro checkpoint
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     bench: BenchOptions = field(default_factory=BenchOptions)
-    format: str = "table"  # table | json
+    format: Format = Format("table")
 
 
 def register_configs() -> None:

@@ -98,6 +98,7 @@ def init_distributed(device: torch.device, timeout_s: float | None = None) -> Di
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
 
 
+DEVICE_KINDS = ("auto", "cpu", "cuda")  # what select_device takes
 PEER_LOST = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "connection refused")
 
 
@@ -174,8 +175,8 @@ def select_device(kind: str, local_rank: int = 0) -> torch.device:
     LOCAL_RANK modulo the visible GPUs (as torchvision's references): a job that gives each task one GPU
     (CUDA_VISIBLE_DEVICES of one device) and LOCAL_RANK=3 runs on cuda:0.
     """
-    if kind not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device={kind!r} is not valid; choose one of ['auto', 'cpu', 'cuda']")
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"device={kind!r} is not valid; choose one of {list(DEVICE_KINDS)}")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA GPU is visible; use device=cpu (or auto)")
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):

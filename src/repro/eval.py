@@ -22,13 +22,13 @@ from repro.cli import (
     CONFIG_DIR,
     HYDRA_VERSION_BASE,
     check_model_name,
+    check_overrides,
     fail,
     run_dir,
     save_run_info,
 )
 from repro.config import register_configs
 from repro.data import (
-    ON_ERROR,
     DataError,
     EvalViews,
     Normalize,
@@ -48,7 +48,7 @@ from repro.distributed import (
     quiet_hydra_on_other_ranks,
     select_device,
 )
-from repro.engine import AVERAGES, PRECISIONS, eval_batch_size, evaluate
+from repro.engine import eval_batch_size, evaluate
 from repro.models import WEIGHT_FORMATS, WeightsError, create_model_from_config, load_weights
 from repro.models.weights import read_weights_file
 
@@ -193,16 +193,8 @@ def check_options(cfg: DictConfig) -> None:
     """Refuse bad option values before any work starts."""
     if cfg.weights.path is None:
         fail("give the weights to evaluate: weights.path=FILE (and weights.format=repro|torchvision|akamaster)")
-    if cfg.weights.format not in WEIGHT_FORMATS:
-        fail(f"weights.format={cfg.weights.format!r} is not valid; choose one of {list(WEIGHT_FORMATS)}")
-    if cfg.eval.average not in AVERAGES:
-        fail(f"eval.average={cfg.eval.average!r} is not valid; choose one of {list(AVERAGES)}")
-    if cfg.eval.precision is not None and cfg.eval.precision not in PRECISIONS:
-        fail(f"eval.precision={cfg.eval.precision!r} is not valid; choose one of {list(PRECISIONS)}")
     if cfg.eval.bn_recalibrate < 0:
         fail(f"eval.bn_recalibrate={cfg.eval.bn_recalibrate} is not valid; give a number of images (0 = off)")
-    if cfg.data is not None and cfg.data.on_error is not None and cfg.data.on_error not in ON_ERROR:
-        fail(f"data.on_error={cfg.data.on_error!r} is not valid; choose one of {list(ON_ERROR)}")
     if cfg.data is not None and cfg.data.batch_size is not None and not cfg.data.batch_size > 0:
         fail(f"data.batch_size={cfg.data.batch_size} is not valid; give the images per evaluation batch, > 0 "
              f"(e.g. data.batch_size=64)")
@@ -306,6 +298,7 @@ def _eval(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point of `repro-eval`."""
     register_configs()
+    check_overrides("eval")
     quiet_hydra_on_other_ranks()
     _eval()
 

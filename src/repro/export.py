@@ -26,18 +26,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, run_dir, save_run_info
+from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, check_overrides, fail, run_dir, save_run_info
 from repro.config import register_configs
 from repro.data import DataError, EvalViews, ImageError, Normalize, Preprocessing, load_image
 from repro.data.images import is_image_file
 from repro.data.transforms import default_eval_size
 from repro.eval import resolve_model, sha256
-from repro.models import WEIGHT_FORMATS, WeightsError, create_model_from_config, default_resolution, load_weights
+from repro.models import WeightsError, create_model_from_config, default_resolution, load_weights
 from repro.models.weights import IMAGENET_MEAN_STD, read_weights_file
 
 log = logging.getLogger("repro.export")
 
-FORMATS = ("onnx",)
 SUFFIXES = {"onnx": ".onnx"}
 EXTRA_INSTALL = "pip install -e '.[export]'"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -94,8 +93,6 @@ def load_model(cfg: DictConfig) -> LoadedModel:
     """The model of `model=` and `weights.path` / `weights.format`, built as repro-eval builds it (random weights
     and ImageNet's mean/std when weights.path is null)."""
     fmt = cfg.weights.format
-    if fmt not in WEIGHT_FORMATS:
-        fail(f"weights.format={fmt!r} is not valid; choose one of {list(WEIGHT_FORMATS)}")
     try:
         if cfg.weights.path is None:
             if cfg.model is None:
@@ -139,8 +136,6 @@ def stdout_to_stderr() -> Iterator[None]:
 
 def check_out_path(out: Any, fmt: str) -> Path:
     """Refuse an output file that cannot be written, before any work starts; returns it."""
-    if fmt not in FORMATS:
-        raise ExportError(f"export.format={fmt!r} is not supported; choose one of {list(FORMATS)}")
     if out is None:
         raise ExportError(f"give the file to write: export.out=FILE{SUFFIXES[fmt]}")
     path = Path(str(out))
@@ -311,6 +306,7 @@ def _export(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point of `repro-export`."""
     register_configs()
+    check_overrides("export")
     _export()
 
 

@@ -31,39 +31,56 @@ MOBILENET = "Howard et al. 2017"
 MOBILENETV2 = "Sandler et al. 2018"
 SLIM = "TF-slim released checkpoints"
 
+# Each printed figure once; the tables that print it again (MobileNet's 1.0-224 appears in Tables 4, 6, 7 and 8)
+# take it from here.
+# ResNet Table 1: million mult-adds ("FLOPs", which the paper counts as multiply-adds) at 224, stride in the 1x1;
+# the plain nets have the same figure as the ResNet of their depth.
+RESNET_MADDS = {"resnet18": 1.8e3, "resnet34": 3.6e3, "resnet50": 3.8e3, "resnet101": 7.6e3, "resnet152": 11.3e3}
+# ResNet Table 6 (CIFAR-10, option A): depth -> (test error %, million params); akamaster's error beside it.
+RESNET_CIFAR = {20: (8.75, 0.27), 32: (7.51, 0.46), 44: (7.17, 0.66), 56: (6.97, 0.85), 110: (6.43, 1.7),
+                1202: (7.93, 19.4)}
+AKAMASTER_ERR = {20: 8.27, 32: 7.37, 44: 6.90, 56: 6.61, 110: 6.32, 1202: 6.18}
+# MobileNet Tables 4-9 (ImageNet): (top-1 accuracy %, million mult-adds, million params) of the width x resolution
+# models, by (alpha, resolution), and of the Conv (Table 4) and Shallow (Table 5) variants, by their option.
+MOBILENET_PRINTED = {(1.0, 224): (70.6, 569, 4.2), (0.75, 224): (68.4, 325, 2.6), (0.5, 224): (63.7, 149, 1.3),
+                     (0.25, 224): (50.6, 41, 0.5), (1.0, 192): (69.1, 418, 4.2), (1.0, 160): (67.2, 290, 4.2),
+                     (1.0, 128): (64.4, 186, 4.2), (0.5, 160): (60.2, 76, 1.32)}
+MOBILENET_VARIANTS = {"full_conv": (71.7, 4866, 29.3), "shallow": (65.3, 307, 2.9)}
+# MobileNetV2 Table 4 at 224, by width: (top-1 accuracy %, million mult-adds, million params, Pixel 1 latency ms).
+MOBILENETV2_PRINTED = {1.0: (72.0, 300, 3.4, 75), 1.4: (74.7, 585, 6.9, 143)}
+
+
+def _v1_complexity(table: str, label: str, alpha: float = 1.0, res: int = 224) -> ComplexityRow:
+    """A MobileNet width x resolution row of `table`, with its printed mult-adds and params."""
+    _, madds, params = MOBILENET_PRINTED[(alpha, res)]
+    return ComplexityRow(table, label, "mobilenet_v1", res, madds, params, {"width_mult": alpha} if alpha != 1 else {})
+
+
+def _variant_complexity(table: str, label: str, option: str) -> ComplexityRow:
+    """The Conv or Shallow MobileNet row of `table`."""
+    _, madds, params = MOBILENET_VARIANTS[option]
+    return ComplexityRow(table, label, "mobilenet_v1", 224, madds, params, {option: True})
+
+
 COMPLEXITY: list[ComplexityRow] = [
-    # ResNet Table 1 ("FLOPs", which the paper counts as multiply-adds), ImageNet at 224, stride in the 1x1.
-    ComplexityRow("resnet_table1", "18-layer", "resnet18", 224, madds_m=1.8e3),
-    ComplexityRow("resnet_table1", "34-layer", "resnet34", 224, madds_m=3.6e3),
-    ComplexityRow("resnet_table1", "50-layer", "resnet50", 224, madds_m=3.8e3),
-    ComplexityRow("resnet_table1", "101-layer", "resnet101", 224, madds_m=7.6e3),
-    ComplexityRow("resnet_table1", "152-layer", "resnet152", 224, madds_m=11.3e3),
-    # ResNet Table 6 (CIFAR-10), option A.
-    ComplexityRow("resnet_table6", "ResNet-20", "resnet20", 32, params_m=0.27),
-    ComplexityRow("resnet_table6", "ResNet-32", "resnet32", 32, params_m=0.46),
-    ComplexityRow("resnet_table6", "ResNet-44", "resnet44", 32, params_m=0.66),
-    ComplexityRow("resnet_table6", "ResNet-56", "resnet56", 32, params_m=0.85),
-    ComplexityRow("resnet_table6", "ResNet-110", "resnet110", 32, params_m=1.7),
-    ComplexityRow("resnet_table6", "ResNet-1202", "resnet1202", 32, params_m=19.4),
+    *(ComplexityRow("resnet_table1", f"{n}-layer", f"resnet{n}", 224, madds_m=RESNET_MADDS[f"resnet{n}"])
+      for n in (18, 34, 50, 101, 152)),
+    *(ComplexityRow("resnet_table6", f"ResNet-{n}", f"resnet{n}", 32, params_m=params)
+      for n, (_, params) in RESNET_CIFAR.items()),
     # MobileNet Tables 4-9 (ImageNet).
-    ComplexityRow("mobilenet_table4", "Conv MobileNet", "mobilenet_v1", 224, 4866, 29.3, {"full_conv": True}),
-    ComplexityRow("mobilenet_table4", "MobileNet", "mobilenet_v1", 224, 569, 4.2),
-    ComplexityRow("mobilenet_table5", "0.75 MobileNet", "mobilenet_v1", 224, 325, 2.6, {"width_mult": 0.75}),
-    ComplexityRow("mobilenet_table5", "Shallow MobileNet", "mobilenet_v1", 224, 307, 2.9, {"shallow": True}),
-    ComplexityRow("mobilenet_table6", "1.0 MobileNet-224", "mobilenet_v1", 224, 569, 4.2),
-    ComplexityRow("mobilenet_table6", "0.75 MobileNet-224", "mobilenet_v1", 224, 325, 2.6, {"width_mult": 0.75}),
-    ComplexityRow("mobilenet_table6", "0.5 MobileNet-224", "mobilenet_v1", 224, 149, 1.3, {"width_mult": 0.5}),
-    ComplexityRow("mobilenet_table6", "0.25 MobileNet-224", "mobilenet_v1", 224, 41, 0.5, {"width_mult": 0.25}),
-    ComplexityRow("mobilenet_table7", "1.0 MobileNet-224", "mobilenet_v1", 224, 569, 4.2),
-    ComplexityRow("mobilenet_table7", "1.0 MobileNet-192", "mobilenet_v1", 192, 418, 4.2),
-    ComplexityRow("mobilenet_table7", "1.0 MobileNet-160", "mobilenet_v1", 160, 290, 4.2),
-    ComplexityRow("mobilenet_table7", "1.0 MobileNet-128", "mobilenet_v1", 128, 186, 4.2),
+    _variant_complexity("mobilenet_table4", "Conv MobileNet", "full_conv"),
+    _v1_complexity("mobilenet_table4", "MobileNet"),
+    _v1_complexity("mobilenet_table5", "0.75 MobileNet", 0.75),
+    _variant_complexity("mobilenet_table5", "Shallow MobileNet", "shallow"),
+    *(_v1_complexity("mobilenet_table6", f"{alpha} MobileNet-224", alpha) for alpha in (1.0, 0.75, 0.5, 0.25)),
+    *(_v1_complexity("mobilenet_table7", f"1.0 MobileNet-{res}", 1.0, res) for res in (224, 192, 160, 128)),
     # Table 8 compares 1.0 MobileNet-224 with popular models, Table 9 the 0.50 MobileNet-160 with small ones.
-    ComplexityRow("mobilenet_table8", "1.0 MobileNet-224", "mobilenet_v1", 224, 569, 4.2),
-    ComplexityRow("mobilenet_table9", "0.50 MobileNet-160", "mobilenet_v1", 160, 76, 1.32, {"width_mult": 0.5}),
+    _v1_complexity("mobilenet_table8", "1.0 MobileNet-224"),
+    _v1_complexity("mobilenet_table9", "0.50 MobileNet-160", 0.5, 160),
     # MobileNetV2 Table 4.
-    ComplexityRow("mobilenetv2_table4", "MobileNetV2", "mobilenet_v2", 224, 300, 3.4),
-    ComplexityRow("mobilenetv2_table4", "MobileNetV2 (1.4)", "mobilenet_v2", 224, 585, 6.9, {"width_mult": 1.4},
+    ComplexityRow("mobilenetv2_table4", "MobileNetV2", "mobilenet_v2", 224, *MOBILENETV2_PRINTED[1.0][1:3]),
+    ComplexityRow("mobilenetv2_table4", "MobileNetV2 (1.4)", "mobilenet_v2", 224, *MOBILENETV2_PRINTED[1.4][1:3],
+                  {"width_mult": 1.4},
                   note="the paper's 585M / 6.9M disagree with TF-slim's own release of the same model "
                        "(582M / 6.06M), which our count matches"),
 ]
@@ -151,6 +168,14 @@ def _r(label: str, model: str, row: str, **paper: float) -> PaperRow:
     return PaperRow(label, model, kwargs, paper=paper, select={"row": row})
 
 
+def _r10(label: str, model: str, row: str, ref: tuple[float, float] | None = None, **paper: float) -> PaperRow:
+    """A row of ResNet Table 3 (10-crop top-1 / top-5 error, RESNET_10CROP), with fb.resnet.torch's `ref`."""
+    top1, top5 = RESNET_10CROP[row]
+    kwargs = {"shortcut": label[-1]} if label[-2:] in (" A", " B", " C") else {}
+    return PaperRow(label, model, kwargs, paper={"top1_err": top1, "top5_err": top5, **paper},
+                    ref=dict(zip(("top1_err", "top5_err"), ref)) if ref else {}, select={"row": row})
+
+
 def _v1(alpha: float, res: int, acc: float | None, **extra: Any) -> PaperRow:
     """A MobileNetV1 width x resolution row."""
     paper = {k: v for k, v in (("top1_acc", acc), ("madds_m", extra.pop("madds_m", None)),
@@ -158,7 +183,17 @@ def _v1(alpha: float, res: int, acc: float | None, **extra: Any) -> PaperRow:
     return PaperRow(f"{alpha:g} MobileNet-{res}", "mobilenet_v1", {"width_mult": alpha}, res, paper, **extra)
 
 
-_T1 = {"resnet18": 1.8e3, "resnet34": 3.6e3, "resnet50": 3.8e3, "resnet101": 7.6e3, "resnet152": 11.3e3}
+def _paper(acc: float, madds: float, params: float, latency: float | None = None) -> dict[str, float]:
+    """A MobileNet row's printed figures as `PaperRow.paper`: top-1 accuracy, mult-adds, params (and latency)."""
+    return {"top1_acc": acc, "madds_m": madds, "params_m": params, **({"latency_ms": latency} if latency else {})}
+
+
+# ResNet Tables 2 and 3 (10-crop): row -> (top-1, top-5 error %); Table 2 prints the top-1 of plain-34 and ResNet-34 A
+# again, and two rows of its own (top-1 only).
+RESNET_10CROP = {"plain34": (28.54, 10.02), "resnet34_A": (25.03, 7.76), "resnet34_B": (24.52, 7.46),
+                 "resnet34_C": (24.19, 7.40), "resnet50": (22.85, 6.71), "resnet101": (21.75, 6.05),
+                 "resnet152": (21.43, 5.71)}
+RESNET_TABLE2_ONLY = {"plain18": 27.94, "resnet18_A": 27.88}
 _SLIM_RES = (224, 192, 160, 128)
 _SLIM_V1_ACC = {  # TF-slim MobileNetV1 top-1 / top-5 accuracy by width, resolution 224/192/160/128
     1.0: ((70.9, 89.9), (70.0, 89.2), (68.0, 87.7), (65.2, 85.8)),
@@ -174,9 +209,7 @@ _SLIM_V2_ACC = {  # TF-slim MobileNetV2 top-1 / top-5 accuracy by width, resolut
     0.35: ((60.3, 82.9), (58.2, 81.2), (55.7, 79.1), (50.8, 75.0), (45.5, 70.4)),
 }
 # The paper's own V1 figures for the grid's models (Tables 6 and 7): (alpha, resolution) -> (top-1 %, MMAdds, Mparams).
-_V1_PAPER = {(1.0, 224): (70.6, 569, 4.2), (0.75, 224): (68.4, 325, 2.6), (0.5, 224): (63.7, 149, 1.3),
-             (0.25, 224): (50.6, 41, 0.5), (1.0, 192): (69.1, 418, 4.2), (1.0, 160): (67.2, 290, 4.2),
-             (1.0, 128): (64.4, 186, 4.2)}
+_V1_PAPER = {(alpha, res): v for (alpha, res), v in MOBILENET_PRINTED.items() if alpha == 1.0 or res == 224}
 
 
 def _v1_paper(alpha: float, res: int, **extra: Any) -> PaperRow:
@@ -203,12 +236,12 @@ def _grid_v2() -> tuple[PaperRow, ...]:
     rows = []
     for alpha, accs in _SLIM_V2_ACC.items():
         for i, res in enumerate(_V2_RES):
-            paper = {"top1_acc": 72.0, "madds_m": 300, "params_m": 3.4} if (alpha, res) == (1.0, 224) else {}
+            paper = _paper(*MOBILENETV2_PRINTED[1.0][:3]) if (alpha, res) == (1.0, 224) else {}
             rows.append(PaperRow(f"MobileNetV2 {alpha:g}-{res}", "mobilenet_v2", {"width_mult": alpha}, res, paper,
                                  ref={"top1_acc": accs[i][0], "top5_acc": accs[i][1],
                                       "madds_m": SLIM_V2_MACS[alpha][i], "params_m": SLIM_V2_PARAMS[alpha]},
                                  select={"model.width_mult": alpha, "model.resolution": res}))
-    for alpha, acc, paper in ((1.4, (75.0, 92.5), {"top1_acc": 74.7, "madds_m": 585, "params_m": 6.9}),
+    for alpha, acc, paper in ((1.4, (75.0, 92.5), _paper(*MOBILENETV2_PRINTED[1.4][:3])),
                               (1.3, (74.4, 92.1), {})):
         rows.append(PaperRow(f"MobileNetV2 {alpha:g}-224", "mobilenet_v2", {"width_mult": alpha}, 224, paper,
                              ref={"top1_acc": acc[0], "top5_acc": acc[1], "madds_m": SLIM_V2_MACS_224[alpha],
@@ -222,66 +255,64 @@ RESULT_TABLES: tuple[PaperTable, ...] = (
         "resnet_table2", "Top-1 error (%, 10-crop testing) on ImageNet validation: plain nets against ResNets "
         "(option A); the ResNets have no extra parameters.", f"{RESNET}, Table 2 (mult-adds: Table 1, §3.3)",
         "imagenet", "val", "ten_crop", ("top1_err",),
-        (PaperRow("plain-18", "plain18", paper={"top1_err": 27.94}, select={"row": "plain18"}),
-         PaperRow("plain-34", "plain34", paper={"top1_err": 28.54, "madds_m": 3.6e3}, select={"row": "plain34"}),
-         PaperRow("ResNet-18", "resnet18", {"shortcut": "A"}, paper={"top1_err": 27.88, "madds_m": _T1["resnet18"]},
+        (PaperRow("plain-18", "plain18", paper={"top1_err": RESNET_TABLE2_ONLY["plain18"]}, select={"row": "plain18"}),
+         PaperRow("plain-34", "plain34", paper={"top1_err": RESNET_10CROP["plain34"][0],
+                                                "madds_m": RESNET_MADDS["resnet34"]}, select={"row": "plain34"}),
+         PaperRow("ResNet-18", "resnet18", {"shortcut": "A"}, paper={"top1_err": RESNET_TABLE2_ONLY["resnet18_A"],
+                                                                     "madds_m": RESNET_MADDS["resnet18"]},
                   select={"row": "resnet18_A"}),
-         PaperRow("ResNet-34", "resnet34", {"shortcut": "A"}, paper={"top1_err": 25.03, "madds_m": _T1["resnet34"]},
+         PaperRow("ResNet-34", "resnet34", {"shortcut": "A"}, paper={"top1_err": RESNET_10CROP["resnet34_A"][0],
+                                                                     "madds_m": RESNET_MADDS["resnet34"]},
                   select={"row": "resnet34_A"})),
         "resnet_table2"),
     PaperTable(
         "resnet_table3", "Error rates (%, 10-crop testing) on ImageNet validation.",
         f"{RESNET}, Table 3 (mult-adds: Table 1)", "imagenet", "val", "ten_crop", ("top1_err", "top5_err"),
-        (_r("plain-34", "plain34", "plain34", top1_err=28.54, top5_err=10.02, madds_m=3.6e3),
-         _r("ResNet-34 A", "resnet34", "resnet34_A", top1_err=25.03, top5_err=7.76, madds_m=_T1["resnet34"]),
-         PaperRow("ResNet-34 B", "resnet34", {"shortcut": "B"}, paper={"top1_err": 24.52, "top5_err": 7.46,
-                  "madds_m": _T1["resnet34"]}, ref={"top1_err": 24.76, "top5_err": 7.35}, select={"row": "resnet34_B"}),
-         _r("ResNet-34 C", "resnet34", "resnet34_C", top1_err=24.19, top5_err=7.40),  # Table 1's 3.6G is B's
-         PaperRow("ResNet-50", "resnet50", paper={"top1_err": 22.85, "top5_err": 6.71, "madds_m": _T1["resnet50"]},
-                  ref={"top1_err": 22.24, "top5_err": 6.08}, select={"row": "resnet50"}),
-         PaperRow("ResNet-101", "resnet101", paper={"top1_err": 21.75, "top5_err": 6.05, "madds_m": _T1["resnet101"]},
-                  ref={"top1_err": 21.08, "top5_err": 5.35}, select={"row": "resnet101"}),
-         PaperRow("ResNet-152", "resnet152", paper={"top1_err": 21.43, "top5_err": 5.71, "madds_m": _T1["resnet152"]},
-                  ref={"top1_err": 20.69, "top5_err": 5.21}, select={"row": "resnet152"})),
+        (_r10("plain-34", "plain34", "plain34", madds_m=RESNET_MADDS["resnet34"]),
+         _r10("ResNet-34 A", "resnet34", "resnet34_A", madds_m=RESNET_MADDS["resnet34"]),
+         _r10("ResNet-34 B", "resnet34", "resnet34_B", (24.76, 7.35), madds_m=RESNET_MADDS["resnet34"]),
+         _r10("ResNet-34 C", "resnet34", "resnet34_C"),  # Table 1's 3.6G is B's
+         _r10("ResNet-50", "resnet50", "resnet50", (22.24, 6.08), madds_m=RESNET_MADDS["resnet50"]),
+         _r10("ResNet-101", "resnet101", "resnet101", (21.08, 5.35), madds_m=RESNET_MADDS["resnet101"]),
+         _r10("ResNet-152", "resnet152", "resnet152", (20.69, 5.21), madds_m=RESNET_MADDS["resnet152"])),
         "resnet_table3", ref_name=FB_RESNET,
         notes=("The paper also lists VGG-16 28.07/9.33, GoogLeNet –/9.15 and PReLU-net 24.27/7.38 (not in the zoo).",)),
     PaperTable(
         "resnet_table4", "Error rates (%) of single-model results on ImageNet validation (fully-convolutional, "
         "scores averaged over shorter sides {224, 256, 384, 480, 640}).", f"{RESNET}, Table 4 (mult-adds: Table 1)",
         "imagenet", "val", "multi_scale", ("top1_err", "top5_err"),
-        (_r("ResNet-34 B", "resnet34", "resnet34_B", top1_err=21.84, top5_err=5.71, madds_m=_T1["resnet34"]),
+        (_r("ResNet-34 B", "resnet34", "resnet34_B", top1_err=21.84, top5_err=5.71, madds_m=RESNET_MADDS["resnet34"]),
          _r("ResNet-34 C", "resnet34", "resnet34_C", top1_err=21.53, top5_err=5.60),
-         _r("ResNet-50", "resnet50", "resnet50", top1_err=20.74, top5_err=5.25, madds_m=_T1["resnet50"]),
-         _r("ResNet-101", "resnet101", "resnet101", top1_err=19.87, top5_err=4.60, madds_m=_T1["resnet101"]),
-         _r("ResNet-152", "resnet152", "resnet152", top1_err=19.38, top5_err=4.49, madds_m=_T1["resnet152"])),
+         _r("ResNet-50", "resnet50", "resnet50", top1_err=20.74, top5_err=5.25, madds_m=RESNET_MADDS["resnet50"]),
+         _r("ResNet-101", "resnet101", "resnet101", top1_err=19.87, top5_err=4.60, madds_m=RESNET_MADDS["resnet101"]),
+         _r("ResNet-152", "resnet152", "resnet152", top1_err=19.38, top5_err=4.49, madds_m=RESNET_MADDS["resnet152"])),
         "resnet_table4"),
     PaperTable(
         "resnet_table6", "Classification error (%) on the CIFAR-10 test set (option A shortcuts; "
         "64k iterations, a schedule chosen on a 45k/5k train/val split).", f"{RESNET}, Table 6", "cifar10", "test",
         "center", ("top1_err",),
         tuple(PaperRow(f"ResNet-{n}", f"resnet{n}", paper={"top1_err": err, "params_m": params},
-                       ref={"top1_err": ref}, select={"row": f"cifar_resnet{n}"},
+                       ref={"top1_err": AKAMASTER_ERR[n]}, select={"row": f"cifar_resnet{n}"},
                        note="best of 5 runs; mean 6.61 ± 0.16" if n == 110 else "")
-              for n, err, params, ref in ((20, 8.75, 0.27, 8.27), (32, 7.51, 0.46, 7.37), (44, 7.17, 0.66, 6.90),
-                                          (56, 6.97, 0.85, 6.61), (110, 6.43, 1.7, 6.32), (1202, 7.93, 19.4, 6.18))),
+              for n, (err, params) in RESNET_CIFAR.items()),
         "resnet_table6", ref_name=AKAMASTER,
         notes=("The paper also lists Maxout 9.38, NIN 8.81, DSN 8.22, FitNet 8.39 and Highway 7.54 "
                "(not in the zoo).",)),
     PaperTable(
         "mobilenet_table4", "Depthwise separable vs full convolution MobileNet (ImageNet top-1 accuracy, %).",
         f"{MOBILENET}, Table 4", "imagenet", "val", "center", ("top1_acc",),
-        (PaperRow("Conv MobileNet", "mobilenet_v1", {"full_conv": True}, 224,
-                  {"top1_acc": 71.7, "madds_m": 4866, "params_m": 29.3}, select={"row": "conv_mobilenet"}),
-         PaperRow("MobileNet", "mobilenet_v1", {}, 224, {"top1_acc": 70.6, "madds_m": 569, "params_m": 4.2},
+        (PaperRow("Conv MobileNet", "mobilenet_v1", {"full_conv": True}, 224, _paper(*MOBILENET_VARIANTS["full_conv"]),
+                  select={"row": "conv_mobilenet"}),
+         PaperRow("MobileNet", "mobilenet_v1", {}, 224, _paper(*MOBILENET_PRINTED[(1.0, 224)]),
                   select={"row": "mobilenet_1.0_224"})),
         "mobilenet_table4"),
     PaperTable(
         "mobilenet_table5", "Narrow vs shallow MobileNet (ImageNet top-1 accuracy, %).", f"{MOBILENET}, Table 5",
         "imagenet", "val", "center", ("top1_acc",),
-        (PaperRow("0.75 MobileNet", "mobilenet_v1", {"width_mult": 0.75}, 224,
-                  {"top1_acc": 68.4, "madds_m": 325, "params_m": 2.6}, select={"row": "mobilenet_0.75_224"}),
-         PaperRow("Shallow MobileNet", "mobilenet_v1", {"shallow": True}, 224,
-                  {"top1_acc": 65.3, "madds_m": 307, "params_m": 2.9}, select={"row": "shallow_mobilenet"})),
+        (PaperRow("0.75 MobileNet", "mobilenet_v1", {"width_mult": 0.75}, 224, _paper(*MOBILENET_PRINTED[(0.75, 224)]),
+                  select={"row": "mobilenet_0.75_224"}),
+         PaperRow("Shallow MobileNet", "mobilenet_v1", {"shallow": True}, 224, _paper(*MOBILENET_VARIANTS["shallow"]),
+                  select={"row": "shallow_mobilenet"})),
         "mobilenet_table5"),
     PaperTable(
         "mobilenet_table6", "MobileNet width multiplier (ImageNet top-1 accuracy, %).", f"{MOBILENET}, Table 6",
@@ -303,7 +334,7 @@ RESULT_TABLES: tuple[PaperTable, ...] = (
         "mobilenet_table9", "Smaller MobileNet comparison to popular models (ImageNet top-1 accuracy, %).",
         f"{MOBILENET}, Table 9", "imagenet", "val", "center", ("top1_acc",),
         (PaperRow("0.50 MobileNet-160", "mobilenet_v1", {"width_mult": 0.5}, 160,
-                  {"top1_acc": 60.2, "madds_m": 76, "params_m": 1.32}, select={"row": "mobilenet_0.5_160"}),),
+                  _paper(*MOBILENET_PRINTED[(0.5, 160)]), select={"row": "mobilenet_0.5_160"}),),
         "mobilenet_table9",
         notes=("The paper also lists Squeezenet 57.5% / 1700M / 1.25M and AlexNet 57.2% / 720M / 60M "
                "(not in the zoo).",)),
@@ -317,15 +348,13 @@ RESULT_TABLES: tuple[PaperTable, ...] = (
     PaperTable(
         "mobilenetv2_table4", "Performance on ImageNet (top-1 accuracy, %) for different networks.",
         f"{MOBILENETV2}, Table 4", "imagenet", "val", "center", ("top1_acc",),
-        (PaperRow("MobileNetV1", "mobilenet_v1", {}, 224,
-                  {"top1_acc": 70.6, "madds_m": 575, "params_m": 4.2, "latency_ms": 113},
+        (PaperRow("MobileNetV1", "mobilenet_v1", {}, 224,  # V1's accuracy and params; its own mult-adds and latency
+                  _paper(MOBILENET_PRINTED[(1.0, 224)][0], 575, MOBILENET_PRINTED[(1.0, 224)][2], 113),
                   select={"experiment": "mobilenet_table8", "row": "mobilenet_1.0_224"},
                   note="this table prints 575M mult-adds for the model MobileNet's own Table 8 gives 569M"),
-         PaperRow("MobileNetV2", "mobilenet_v2", {}, 224,
-                  {"top1_acc": 72.0, "madds_m": 300, "params_m": 3.4, "latency_ms": 75},
+         PaperRow("MobileNetV2", "mobilenet_v2", {}, 224, _paper(*MOBILENETV2_PRINTED[1.0]),
                   select={"row": "mobilenetv2_1.0_224"}),
-         PaperRow("MobileNetV2 (1.4)", "mobilenet_v2", {"width_mult": 1.4}, 224,
-                  {"top1_acc": 74.7, "madds_m": 585, "params_m": 6.9, "latency_ms": 143},
+         PaperRow("MobileNetV2 (1.4)", "mobilenet_v2", {"width_mult": 1.4}, 224, _paper(*MOBILENETV2_PRINTED[1.4]),
                   select={"row": "mobilenetv2_1.4_224"},
                   note="TF-slim's release of this model counts 582M / 6.06M, as we do")),
         "mobilenetv2_table4",

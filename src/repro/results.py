@@ -181,10 +181,11 @@ def discover_runs(patterns: Iterable[str], strict: bool = True) -> list[RunRecor
 
 @cache
 def _model_defaults(name: str) -> dict[str, Any]:
-    """The `configs/model/<name>.yaml` keys and values (what a run of that model config carries)."""
-    cfg = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "model" / f"{name}.yaml"))
-    cfg.pop("defaults", None)
-    return cfg
+    """What a run of `model=<name>` carries: the keys of `configs/model/<name>.yaml` over its schema's defaults."""
+    raw = OmegaConf.load(Path(CONFIG_DIR) / "model" / f"{name}.yaml")
+    raw.pop("defaults", None)
+    schema = OmegaConf.structured(MODEL_SCHEMAS[_schema_base("model", name)])
+    return OmegaConf.to_container(OmegaConf.merge(schema, raw), enum_to_str=True)
 
 
 def row_config(row: PaperRow) -> dict[str, Any]:

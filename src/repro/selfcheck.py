@@ -28,12 +28,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, save_run_info
+from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, check_overrides, fail, save_run_info
 from repro.config import register_configs
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("table", "json")
 STATUSES = ("pass", "fail", "skip")
 
 
@@ -754,8 +753,6 @@ def _selfcheck(cfg: DictConfig) -> None:
     """Run the checks, print the report, keep it in the run dir as selfcheck.json; exit 1 on any FAIL."""
     from repro.distributed import select_device
 
-    if cfg.format not in FORMATS:
-        fail(f"format={cfg.format!r} is not valid; choose one of {list(FORMATS)}")
     groups = list(cfg.checks) if cfg.checks is not None else list(CHECKS)
     unknown = [g for g in groups if g not in CHECKS]
     if unknown:
@@ -783,6 +780,7 @@ def _selfcheck(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point of `repro-selfcheck`."""
     register_configs()
+    check_overrides("selfcheck")
     _selfcheck()
 
 

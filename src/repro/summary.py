@@ -8,19 +8,15 @@ import json
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, save_run_info
+from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, check_overrides, fail, save_run_info
 from repro.complexity import format_table, summarize
 from repro.config import register_configs
 from repro.models import create_model_from_config
-
-FORMATS = ("table", "json")
 
 
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_DIR, config_name="summary")
 def _summary(cfg: DictConfig) -> None:
     """Print the model's complexity and keep it, with the resolved config, in the run dir."""
-    if cfg.format not in FORMATS:
-        fail(f"format={cfg.format!r} is not valid; choose one of {list(FORMATS)}")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if not 8 <= model_cfg["resolution"] <= 4096:
         fail(f"model.resolution={model_cfg['resolution']} is not valid; give the input side in pixels "
@@ -43,6 +39,7 @@ def _summary(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point of `repro-summary`."""
     register_configs()
+    check_overrides("summary")
     _summary()
 
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, run_dir, save_run_info
 from repro.config import register_configs
+from repro.reference import RESULT_TABLES
 from repro.results import (
     ComputeTable,
     RunsError,
@@ -36,10 +37,17 @@ README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 DEFAULT_RUNS = ("results/runs", "outputs", "multirun")  # committed run records, then local runs
 LATENCY_FIGURE = "mobilenet_latency.png"  # draws models measured by repro-bench, not runs
 COMPUTE_TABLES = {"mobilenet_table2": mobilenet_table2, "mobilenet_table3": mobilenet_table3}
-# Every table, paper by paper, in the papers' order (the result tables' data: repro.reference.RESULT_TABLES).
-TABLE_IDS = ("resnet_table2", "resnet_table3", "resnet_table4", "resnet_table6", "mobilenet_table2",
-             "mobilenet_table3", "mobilenet_table4", "mobilenet_table5", "mobilenet_table6", "mobilenet_table7",
-             "mobilenet_table8", "mobilenet_table9", "mobilenet_grid", "mobilenetv2_table4", "mobilenetv2_grid")
+PAPERS = ("resnet", "mobilenet", "mobilenetv2")  # the prefixes of the table ids, in the order the papers appeared
+
+
+def paper_order(table_id: str) -> tuple[int, int]:
+    """Where a table goes (`<paper>_table<N>` by paper, then by N; a paper's `_grid` after its tables)."""
+    paper, _, name = table_id.partition("_")
+    return PAPERS.index(paper), int(name.removeprefix("table")) if name.startswith("table") else 1_000
+
+
+# Every table, paper by paper: the result tables (their data: repro.reference.RESULT_TABLES) and the computed ones.
+TABLE_IDS = tuple(sorted([*(t.id for t in RESULT_TABLES), *COMPUTE_TABLES], key=paper_order))
 
 
 def _as_list(value: Any) -> list[str] | None:

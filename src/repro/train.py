@@ -15,7 +15,6 @@ import logging
 import math
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +43,8 @@ from repro.checkpoint import (
 from repro.cli import (
     CONFIG_DIR,
     HYDRA_VERSION_BASE,
-    check_data_keys,
     check_model_name,
+    check_overrides,
     claim_run_dir,
     fail,
     git_commit,
@@ -58,9 +57,7 @@ from repro.config import register_configs
 from repro.data import DataError, EvalViews, Normalize, ShardSampler, collate
 from repro.data.build import TrainData, build_data, check_splits, crop_problem
 from repro.data.datasets import DATA_KEYS, DATASETS, SPECS, ImageTensors, spec_of
-from repro.data.device_decode import DECODES
 from repro.data.loaders import sample_seed
-from repro.data.transforms import PROTOCOLS
 from repro.distributed import (
     Dist,
     all_reduce_sum,
@@ -74,13 +71,11 @@ from repro.distributed import (
     select_device,
     silent_ranks,
 )
-from repro.engine import PRECISIONS, evaluate
+from repro.engine import evaluate
 from repro.models import create_model_from_config
 from repro.optim import LRSchedule, build_optimizer
 
 log = logging.getLogger("repro.train")
-AUGMENTS = ("pad_crop", "scale_aug", "inception", "mobilenet", "none")
-AMP = ("auto", "bf16", "fp16", "off")
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -372,15 +367,6 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.data.name == "checkpoint":
         fail(f"data=checkpoint is repro-eval's (a checkpoint's own dataset); repro-train needs one of "
              f"{list(DATASETS)}, e.g. data=cifar10 data.root=DIR")
-    choices = {"recipe.augment.train": (cfg.recipe.augment.train, AUGMENTS), "trainer.amp": (cfg.trainer.amp, AMP),
-               "resume": (cfg.resume, ("never", "auto")), "data.on_error": (cfg.data.on_error, ("raise", "skip")),
-               "recipe.length_unit": (cfg.recipe.length_unit, ("epochs", "steps")),
-               "trainer.device": (cfg.trainer.device, ("auto", "cpu", "cuda")),
-               "data.decode": (cfg.data.decode, DECODES),
-               "trainer.eval_precision": (cfg.trainer.get("eval_precision", "fp32"), PRECISIONS)}
-    for key, (value, valid) in choices.items():
-        if value not in valid:
-            fail(f"{key}={value!r} is not valid; choose one of {list(valid)}")
     positive = {"recipe.batch_size": cfg.recipe.batch_size, "recipe.lr_batch_size": cfg.recipe.lr_batch_size,
                 "data.batch_size": cfg.data.batch_size, "trainer.grad_accum": cfg.trainer.grad_accum,
                 "trainer.checkpoint_every": cfg.trainer.checkpoint_every, "trainer.log_every": cfg.trainer.log_every,
@@ -394,9 +380,6 @@ def check_config(cfg: DictConfig) -> None:
         if splits is not None and cfg[key] is not None and cfg[key] not in splits:
             hint = "; test_split=null reports the val split instead" if key == "test_split" else ""
             fail(f"{key}={cfg[key]!r} is not a split of data={cfg.data.name}; choose one of {list(splits)}{hint}")
-    bad = [p for p in cfg.final_protocols if p not in PROTOCOLS]
-    if bad:
-        fail(f"final_protocols {bad} not valid; choose from {list(PROTOCOLS)}")
     if spec_of(cfg.data.name).in_memory and set(cfg.final_protocols) - {"center"}:
         fail(f"data={cfg.data.name} is evaluated on the image itself: final_protocols=[center] only")
     if cfg.data.decode == "gpu" and not spec_of(cfg.data.name).folders:
@@ -623,7 +606,7 @@ def timeout_message(run: Run, e: BaseException) -> str:
 def main() -> None:
     """Console entry point of `repro-train`."""
     register_configs()
-    check_data_keys("train", sys.argv[1:], DATA_KEYS)
+    check_overrides("train", DATA_KEYS)
     quiet_hydra_on_other_ranks()
     try:
         _train()

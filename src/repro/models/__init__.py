@@ -1,7 +1,13 @@
-"""The model zoo: one visible name -> (factory, accepted keyword arguments) mapping."""
+"""The model zoo: one visible name -> (factory, options, default input resolution) mapping.
+
+A model's options (the keyword arguments `create_model` takes, their types and defaults) are its constructor's:
+read from the signature, so the config schemas (repro.config) and the zoo cannot drift from the code.
+"""
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -10,15 +16,24 @@ from torch import nn
 from repro.models import mobilenet, resnet
 from repro.models.weights import WEIGHT_FORMATS, WeightsError, load_weights
 
-_RESNET = ("shortcut", "stride_in_1x1", "num_classes", "zero_init_residual")
-_PLAIN = ("num_classes",)
-_CIFAR_RESNET = ("shortcut", "shortcut_pad", "num_classes", "zero_init_residual")
-_CIFAR_PLAIN = ("num_classes",)
-_V1 = ("width_mult", "full_conv", "shallow", "activation", "num_classes", "dropout")
-_V2 = ("width_mult", "activation", "num_classes", "dropout")
 
-# name -> (factory, keyword arguments it accepts, default input resolution)
-MODELS: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...], int]] = {
+def _options(cls: type, keep: tuple[str, ...] | None = None, drop: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """The options of `cls`'s constructor: name -> (type, default) of each keyword argument with a default (only
+    those in `keep`, when given; less `drop`, which the factories fix)."""
+    hints = typing.get_type_hints(cls.__init__)
+    return {n: (hints[n], p.default) for n, p in inspect.signature(cls).parameters.items()
+            if p.default is not p.empty and n not in drop and (keep is None or n in keep)}
+
+
+_RESNET = _options(resnet.ResNet, drop=("residual",))
+_PLAIN = _options(resnet.ResNet, keep=("num_classes",))  # no shortcuts: only the classifier's size
+_CIFAR_RESNET = _options(resnet.CifarResNet, drop=("residual",))
+_CIFAR_PLAIN = _options(resnet.CifarResNet, keep=("num_classes",))
+_V1 = _options(mobilenet.MobileNetV1)
+_V2 = _options(mobilenet.MobileNetV2)
+
+# name -> (factory, its options: keyword argument -> (type, default), default input resolution)
+MODELS: dict[str, tuple[Callable[..., nn.Module], dict[str, tuple[Any, Any]], int]] = {
     # ImageNet, paper Table 1
     "plain18": (resnet.plain18, _PLAIN, 224),
     "plain34": (resnet.plain34, _PLAIN, 224),
@@ -55,8 +70,13 @@ def list_models() -> list[str]:
 
 def model_kwargs(name: str) -> tuple[str, ...]:
     """The keyword arguments model `name` accepts."""
+    return tuple(model_options(name))
+
+
+def model_options(name: str) -> dict[str, tuple[Any, Any]]:
+    """Model `name`'s options as its constructor declares them: keyword argument -> (type, default)."""
     _check_name(name)
-    return MODELS[name][1]
+    return dict(MODELS[name][1])
 
 
 def default_resolution(name: str) -> int:
@@ -89,5 +109,5 @@ def create_model_from_config(cfg: Mapping[str, Any]) -> nn.Module:
 
 __all__ = [
     "MODELS", "WEIGHT_FORMATS", "WeightsError", "create_model", "create_model_from_config",
-    "default_resolution", "list_models", "load_weights", "model_kwargs",
+    "default_resolution", "list_models", "load_weights", "model_kwargs", "model_options",
 ]

@@ -69,7 +69,7 @@ def median_of_rounds(rounds: list[list[dict]]) -> list[dict]:
 def markdown_table(report: dict) -> str:
     """The README's latency table: per model eager and ONNX Runtime latency (batch 1), ORT's speed-up, and ORT
     latency and mult-adds as multiples of 1.0 MobileNetV1-224's (the papers' proxy against the measurement)."""
-    from repro.results import complexity
+    from repro.report.results import complexity
 
     by_model: dict[str, dict] = {}
     for rec in report["results"]:

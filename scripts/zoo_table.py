@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
-from repro.complexity import summarize
 from repro.models import create_model, default_resolution, list_models, model_kwargs
-from repro.reference import COMPLEXITY
+from repro.report.complexity import summarize
+from repro.report.reference import COMPLEXITY
 
 
 def paper_figures() -> dict[str, str]:
-    """The papers' figures for each zoo model at its defaults (its first row in repro.reference.COMPLEXITY)."""
+    """The papers' figures for each zoo model at its defaults (its first row in repro.report.reference.COMPLEXITY)."""
     figures: dict[str, str] = {}
     for row in COMPLEXITY:
         if row.kwargs or row.resolution != default_resolution(row.model) or row.model in figures:

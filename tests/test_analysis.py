@@ -15,13 +15,6 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from common import CIFAR_ROOT, cifar_train_only
-from repro.analysis import (
-    SUPPORTED_MODELS,
-    checkpoint_response_stds,
-    response_layers,
-    response_stds,
-    sorted_stds,
-)
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.data import Normalize, Preprocessing
@@ -29,6 +22,13 @@ from repro.data.digits import digits_tensors
 from repro.distributed import Dist
 from repro.models import create_model, create_model_from_config, load_weights
 from repro.models.resnet import BasicBlock
+from repro.report.responses import (
+    SUPPORTED_MODELS,
+    checkpoint_response_stds,
+    response_layers,
+    response_stds,
+    sorted_stds,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

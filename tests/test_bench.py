@@ -17,9 +17,9 @@ from repro.bench import summarize_times
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.export import EXTRA_INSTALL
-from repro.figures import write_figures
-from repro.reference import RESULT_TABLES
-from repro.results import MISSING, build_tables, read_latency, table_csv, table_markdown
+from repro.report.figures import write_figures
+from repro.report.reference import RESULT_TABLES
+from repro.report.results import MISSING, build_tables, read_latency, table_csv, table_markdown
 from repro.tables import generate
 
 TABLES = {t.id: t for t in RESULT_TABLES}
@@ -197,7 +197,7 @@ def test_grid_script_measures_every_table_row(tmp_path):
     import argparse
     import runpy
 
-    from repro.results import Latency
+    from repro.report.results import Latency
 
     script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bench_latency.py"))
     points = script["grid"]()

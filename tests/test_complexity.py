@@ -10,10 +10,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import SHARED
-from repro.complexity import summarize
 from repro.models import create_model
 from repro.models.mobilenet import ConvBNAct, depthwise_separable
-from repro.reference import (
+from repro.report.complexity import summarize
+from repro.report.reference import (
     COMPLEXITY,
     MOBILENET_PRINTED,
     MOBILENET_TABLE2,
@@ -148,7 +148,7 @@ def test_mobilenet_table2_shares_by_layer_type():
 )
 def test_mobilenet_table3_one_layer(label, layer, channels, size):
     """MobileNet Table 3: one 14x14x512 layer as a full conv, separable, thinned (alpha) and shrunk (rho)."""
-    from repro.complexity import profile
+    from repro.report.complexity import profile
 
     layers = profile(layer(), size, channels)
     macs = sum(x.macs for x in layers) / 1e6

@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from repro.analysis import _eval_views
 from repro.data.build import crop_problem
 from repro.data.datasets import DATA_KEYS, SPECS, DataError, spec_of
 from repro.eval import eval_views
+from repro.report.responses import _eval_views
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "repro"
-RECORDS = SRC / "reference.py"  # the published tables: each names the dataset it was measured on, as data
+RECORDS = SRC / "report" / "reference.py"  # the published tables: each names the dataset it was measured on, as data
 
 
 def _outside_data() -> list[Path]:

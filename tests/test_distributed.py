@@ -27,7 +27,7 @@ from repro.config import register_configs
 from repro.data import Normalize, Preprocessing
 from repro.data.loaders import sample_seed
 from repro.distributed import Dist
-from repro.engine import evaluate
+from repro.scoring import evaluate
 
 CPU = torch.device("cpu")
 META = torch.device("meta")  # a device other than the CPU, for a group that (as NCCL) takes no CPU tensor
@@ -90,7 +90,7 @@ def test_collectives_take_tensors_on_the_run_device(monkeypatch):
     assert out.device == META and fake.devices == [META]
     # evaluate(): the per-protocol counts, from a tiny model on the CPU, reduced on the run's device.
     seen: list[torch.device] = []
-    monkeypatch.setattr("repro.engine.all_reduce_sum", lambda t, dist: seen.append(t.device) or torch.zeros(
+    monkeypatch.setattr("repro.scoring.all_reduce_sum", lambda t, dist: seen.append(t.device) or torch.zeros(
         t.shape, dtype=t.dtype))
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
     batch = {"failed": [], "views": {"center": torch.zeros(6, 1, 3, 4, 4, dtype=torch.uint8)},
@@ -153,8 +153,8 @@ def test_evaluation_forwards_are_bounded_and_oom_names_the_batch_size(monkeypatc
     batch = {"failed": [], "views": {"ten_crop": views}, "labels": torch.arange(6), "indices": torch.arange(6)}
     pre = Normalize(Preprocessing())
     whole = evaluate(model, pre, [batch], CPU, ["ten_crop"], progress=False).tallies["ten_crop"]
-    monkeypatch.setattr("repro.engine.MAX_VIEWS", 8)
-    monkeypatch.setattr("repro.engine._forward.__defaults__", (8,))
+    monkeypatch.setattr("repro.scoring.MAX_VIEWS", 8)
+    monkeypatch.setattr("repro.scoring._forward.__defaults__", (8,))
     sizes.clear()
     chunked = evaluate(model, pre, [batch], CPU, ["ten_crop"], progress=False).tallies["ten_crop"]
     assert max(sizes) <= 8 and sum(sizes) == 60

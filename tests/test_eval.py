@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 from common import AKAMASTER_DIR, CIFAR_CLASSES, CIFAR_ROOT, MEAN, STD
 from repro.data import DataError, EvalViews, Normalize, Preprocessing, collate, load_image
 from repro.data.datasets import ImageFiles, scan_folder
-from repro.engine import MULTI_SCALE_BATCH, Tally, class_ranks, evaluate, top_predictions
 from repro.eval import PREDICTION_COLUMNS
 from repro.models import create_model
+from repro.scoring import MULTI_SCALE_BATCH, Tally, class_ranks, evaluate, top_predictions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from repro.results import (
+from repro.report.results import (
     RESULT_NEUTRAL,
     RunRecord,
     build_table,
@@ -227,7 +227,7 @@ def test_committed_run_record_fills_table6_and_fig6(tmp_path, monkeypatch):
     md = (tmp_path / "out" / "resnet_table6.md").read_text()
     assert "| ResNet-20 | 32 | 8.75 | 8.60 |" in md
     assert "- Data: our runs of ResNet-20 read JPEG re-encodings of CIFAR-10 (image folders)" in md
-    from repro.figures import resnet_fig6
+    from repro.report.figures import resnet_fig6
 
     runs = discover_runs(["results/runs"])
     fig = resnet_fig6(runs, tmp_path / "f6.png").figure

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.results import discover_runs
+from repro.report.results import discover_runs
 
 # Every job of these sweeps: the offline default (ResNet-20 on digits), small batches, no progress bars.
 QUICK = ["trainer.progress=false", "recipe.batch_size=16", "trainer.device=cpu"]

@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 from common import CIFAR_ROOT, ROOT
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
-from repro.reference import RESULT_TABLES
-from repro.results import (
+from repro.report.reference import RESULT_TABLES
+from repro.report.results import (
     MISSING,
     RunRecord,
     build_table,
@@ -287,7 +287,7 @@ def test_accuracy_tables_from_error_runs(tmp_path):
               {"center": (39.0, 17.0)})
     train_run(tmp_path, "c", [*exp, "model.width_mult=0.5", "model.resolution=224"], {"center": (36.3, 15.0)})
     runs = discover_runs([str(tmp_path)])
-    from repro.figures import mobilenet_fig
+    from repro.report.figures import mobilenet_fig
 
     grid_result = build_table(TABLES["mobilenet_grid"], runs)
     ours = {r.row.label: r for r in grid_result.rows}
@@ -371,7 +371,7 @@ def lines_by_gid(ax) -> dict[str, tuple[list[float], list[float]]]:
 def test_fig6_draws_the_runs_curves(cifar_runs, tmp_path):
     """Fig. 6 plots each counted run's train/err (thin) and metrics.jsonl curve (bold) at iterations / 1e4, the
     paper's Table 6 errors dashed; deviating runs and smoke tests are not drawn; the y label names the split."""
-    from repro.figures import resnet_fig6
+    from repro.report.figures import resnet_fig6
 
     runs = discover_runs([str(cifar_runs)])
     plot = resnet_fig6(runs, tmp_path / "f6.png")
@@ -396,7 +396,7 @@ def test_fig6_draws_the_runs_curves(cifar_runs, tmp_path):
 def test_curves_read_both_metrics_formats_and_tensorboard(tmp_path):
     """New lines name their split (`"split": "val"`, metrics under "val"); old ones hold "val" on the run's
     val_split; a run with no metrics.jsonl falls back on TensorBoard's `<split>/top1_err`. Labels follow."""
-    from repro.figures import eval_curve, resnet_fig6
+    from repro.report.figures import eval_curve, resnet_fig6
 
     exp = ["experiment=resnet_table6", "row=cifar_resnet20", *CIFAR]
     new = train_run(tmp_path, "new", [*exp, "val_split=val"], {"center": (8.0, 0.5)}, split="val",
@@ -424,7 +424,7 @@ def test_curves_read_both_metrics_formats_and_tensorboard(tmp_path):
 def test_figures_without_runs_show_the_papers_points(tmp_path):
     """No runs: Figs. 4 and 6 draw only the paper's dashed errors and say so; MobileNet Figs. 4/5 plot the paper's
     and TF-slim's points exactly; every PNG is written."""
-    from repro.figures import NO_RUNS, write_figures
+    from repro.report.figures import NO_RUNS, write_figures
 
     grid = build_tables([], ["mobilenet_grid"])
     plots = write_figures(grid, [], tmp_path)
@@ -448,7 +448,7 @@ def test_figures_without_runs_show_the_papers_points(tmp_path):
 
 def test_fig7_plots_the_given_stds(tmp_path):
     """Fig. 7: each model's stds in network order (top) and sorted descending (bottom), layer index from 1."""
-    from repro.figures import resnet_fig7
+    from repro.report.figures import resnet_fig7
 
     plot = resnet_fig7([], tmp_path / "f7.png", stds={"resnet20": [1.0, 0.5, 0.7], "plain20": [2.0, 1.0]})
     top, bottom = plot.figure.axes
@@ -533,8 +533,8 @@ def test_project_readme_has_the_status_section():
 @pytest.mark.slow
 def test_real_train_and_eval_runs_are_read(tmp_path):
     """A real repro-train run (digits, 40 steps) and a repro-eval of its last.pt: one run, its curves, its number."""
-    from repro.figures import train_curve, val_curve
-    from repro.reference import PaperRow, PaperTable
+    from repro.report.figures import train_curve, val_curve
+    from repro.report.reference import PaperRow, PaperTable
 
     res = subprocess.run(["repro-train", "trainer.max_steps=40", "trainer.progress=false", "name=real"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
@@ -566,7 +566,7 @@ def test_fig7_from_a_real_cifar_checkpoint(tmp_path):
     """A real ResNet-20 run on CIFAR-10 JPEGs (30 steps): Fig. 7 computes its 19 layer stds from last.pt."""
     if not (CIFAR_ROOT / "train").is_dir():
         pytest.skip(f"the shared CIFAR-10 JPEGs are not at {CIFAR_ROOT}")
-    from repro.figures import fig7_checkpoints, resnet_fig7
+    from repro.report.figures import fig7_checkpoints, resnet_fig7
 
     res = subprocess.run(["repro-train", "model=resnet20", "data=cifar10", f"data.root={CIFAR_ROOT}",
                           "data.limit=2000", "data.val_size=200", "test_split=null", "recipe=resnet_cifar",
@@ -576,7 +576,7 @@ def test_fig7_from_a_real_cifar_checkpoint(tmp_path):
     runs = discover_runs([str(tmp_path / "outputs")])
     found = fig7_checkpoints(runs)
     assert list(found) == ["resnet20"] and found["resnet20"][1] == "val"
-    from repro.analysis import checkpoint_response_stds
+    from repro.report.responses import checkpoint_response_stds
 
     stds = checkpoint_response_stds(found["resnet20"][0], split="val", max_images=100)["std"]
     assert len(stds) == 19 and all(s > 0 and math.isfinite(s) for s in stds)

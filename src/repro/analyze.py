@@ -15,10 +15,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from repro.analysis import checkpoint_response_stds
 from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, check_overrides, fail, save_run_info
 from repro.config import register_configs
 from repro.distributed import select_device
+from repro.report.responses import checkpoint_response_stds
 
 
 def _paths(value: Any) -> list[str]:
@@ -74,7 +74,7 @@ def _analyze(cfg: DictConfig) -> None:
     labels = labels_for(results)
     out = save_run_info(cfg)
     (out / "stds.json").write_text(json.dumps(dict(zip(labels, results)), indent=2) + "\n")
-    from repro.figures import resnet_fig7
+    from repro.report.figures import resnet_fig7
 
     data = ", ".join(sorted({f"{r['data']}/{r['split']}" for r in results}))
     resnet_fig7([], out / "fig7.png", stds={label: r["std"] for label, r in zip(labels, results)}, data=data)

@@ -19,12 +19,12 @@ from repro.data.device_decode import DECODES
 from repro.data.images import ON_ERROR
 from repro.data.transforms import INTERPOLATIONS, PROTOCOLS
 from repro.distributed import DEVICE_KINDS
-from repro.engine import AVERAGES, PRECISIONS
 from repro.models import default_resolution, model_options
 from repro.models.mobilenet import ACTIVATIONS
 from repro.models.resnet import PAD_MODES, SHORTCUTS
 from repro.models.weights import WEIGHT_FORMATS
 from repro.optim import OPTIMIZERS, SCHEDULES
+from repro.scoring import AVERAGES, PRECISIONS
 
 
 class Choice(str, Enum):

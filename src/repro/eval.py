@@ -48,9 +48,9 @@ from repro.distributed import (
     quiet_hydra_on_other_ranks,
     select_device,
 )
-from repro.engine import eval_batch_size, evaluate
 from repro.models import WEIGHT_FORMATS, WeightsError, create_model_from_config, load_weights
 from repro.models.weights import read_weights_file
+from repro.scoring import eval_batch_size, evaluate
 
 log = logging.getLogger("repro.eval")
 

@@ -341,8 +341,8 @@ def check_training(ctx: Context) -> list[Check]:
 
 def _eval_pass(model: nn.Module, normalize: nn.Module, loader: Any, device: torch.device, amp: bool,
                paths: list[str]) -> tuple[dict[str, Any], list[int], torch.Tensor]:
-    """repro.engine.evaluate's counts and top-1 predictions, and the logits of a direct forward (CPU, fp32)."""
-    from repro.engine import evaluate
+    """repro.scoring.evaluate's counts and top-1 predictions, and the logits of a direct forward (CPU, fp32)."""
+    from repro.scoring import evaluate
 
     model = model.to(device).to(memory_format=torch.channels_last)
     normalize = normalize.to(device)

@@ -9,9 +9,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, check_overrides, fail, save_run_info
-from repro.complexity import format_table, summarize
 from repro.config import register_configs
 from repro.models import create_model_from_config
+from repro.report.complexity import format_table, summarize
 
 
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONFIG_DIR, config_name="summary")

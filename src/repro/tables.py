@@ -17,8 +17,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, fail, run_dir, save_run_info
 from repro.config import register_configs
-from repro.reference import RESULT_TABLES
-from repro.results import (
+from repro.report.reference import RESULT_TABLES
+from repro.report.results import (
     ComputeTable,
     RunsError,
     TableResult,
@@ -46,7 +46,7 @@ def paper_order(table_id: str) -> tuple[int, int]:
     return PAPERS.index(paper), int(name.removeprefix("table")) if name.startswith("table") else 1_000
 
 
-# Every table, paper by paper: the result tables (their data: repro.reference.RESULT_TABLES) and the computed ones.
+# Every table, paper by paper: the result tables (their data: report.reference.RESULT_TABLES) and the computed ones.
 TABLE_IDS = tuple(sorted([*(t.id for t in RESULT_TABLES), *COMPUTE_TABLES], key=paper_order))
 
 
@@ -80,7 +80,7 @@ def generate(runs: list[str] | None, out: Path, ids: list[str] | None = None, fi
         (out / f"{page.id}.csv").write_text(page.csv())
     extra = []
     if figures:
-        from repro.figures import write_figures
+        from repro.report.figures import write_figures
 
         drawn = write_figures([p for p in pages if isinstance(p, TableResult)], found, out, fig7_images, latency)
         extra = ["Figures (`figures/`): " + ", ".join(f"[{name}](figures/{name}) ({_drawn(name, plot.runs)})"

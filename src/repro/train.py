@@ -3,7 +3,7 @@
 `setup` builds a `Training`: the model a step calls, the loss, the device-side normalization, the `TrainState`
 checkpoints hold (repro.checkpoint), the data, the step's `Numerics` and the `Run` (config, processes, run dir,
 length, stop flags). `fit` runs `train_one_epoch` (device-side augmentation, AMP, accumulation), evaluation
-(`evaluate`, repro.engine) and checkpoints to the run's length. Everything a run writes goes under its run dir
+(`evaluate`, repro.scoring) and checkpoints to the run's length. Everything a run writes goes under its run dir
 `outputs/train/<name>/`.
 """
 
@@ -71,9 +71,9 @@ from repro.distributed import (
     select_device,
     silent_ranks,
 )
-from repro.engine import evaluate
 from repro.models import create_model_from_config
 from repro.optim import LRSchedule, build_optimizer
+from repro.scoring import evaluate
 
 log = logging.getLogger("repro.train")
 

@@ -1,4 +1,7 @@
-"""The loops: `evaluate` (the papers' test protocols, batched crops, exact top-1/top-5 counts)."""
+"""`evaluate`: a model scored under the papers' test protocols (batched crops, exact top-1/top-5 counts).
+
+repro-train and repro-eval both call it.
+"""
 
 from __future__ import annotations
 

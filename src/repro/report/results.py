@@ -31,11 +31,11 @@ import torch
 from omegaconf import OmegaConf
 
 from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE
-from repro.complexity import summarize
 from repro.config import DATA_SCHEMAS, MODEL_SCHEMAS, EvalOptions, RecipeConfig, TrainConfig, TrainerConfig
 from repro.data.datasets import SPECS
 from repro.models import create_model_from_config
-from repro.reference import RESULT_TABLES, PaperRow, PaperTable
+from repro.report.complexity import summarize
+from repro.report.reference import RESULT_TABLES, PaperRow, PaperTable
 
 log = logging.getLogger(__name__)
 
@@ -924,7 +924,7 @@ class ComputeTable:
 
 def mobilenet_table2() -> ComputeTable:
     """MobileNet Table 2: share of mult-adds and of parameters by layer type, 1.0 MobileNet-224."""
-    from repro.reference import MOBILENET, MOBILENET_TABLE2, MOBILENET_TABLE2_MISPRINTS
+    from repro.report.reference import MOBILENET, MOBILENET_TABLE2, MOBILENET_TABLE2_MISPRINTS
 
     with torch.device("meta"):
         s = summarize(create_model_from_config(_model_defaults("mobilenet_v1")), 224)
@@ -948,9 +948,9 @@ def mobilenet_table2() -> ComputeTable:
 
 def mobilenet_table3() -> ComputeTable:
     """MobileNet Table 3: one 14x14x512 layer as a full conv, separable, thinned (alpha) and shrunk (rho)."""
-    from repro.complexity import profile
     from repro.models.mobilenet import ConvBNAct, depthwise_separable
-    from repro.reference import MOBILENET, MOBILENET_TABLE3
+    from repro.report.complexity import profile
+    from repro.report.reference import MOBILENET, MOBILENET_TABLE3
 
     layers = {"Conv 3x3": (lambda: ConvBNAct(512, 512, 3), 512, 14),
               "Depthwise Separable Conv": (lambda: depthwise_separable(512, 512, 1), 512, 14),

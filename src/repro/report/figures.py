@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from repro.reference import RESULT_TABLES, PaperRow, PaperTable
-from repro.results import (
+from repro.report.reference import RESULT_TABLES, PaperRow, PaperTable
+from repro.report.results import (
     LATENCY_COMMAND,
     LATENCY_SETTING,
     Latency,
@@ -244,7 +244,7 @@ def resnet_fig7(runs: list[RunRecord], path: Path, max_images: int = 1000,
     if stds is None:
         stds = {}
         for name, (ck, split) in fig7_checkpoints(runs).items():
-            from repro.analysis import checkpoint_response_stds
+            from repro.report.responses import checkpoint_response_stds
 
             try:
                 stds[name] = checkpoint_response_stds(ck, split=split, max_images=max_images)["std"]

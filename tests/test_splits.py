@@ -176,6 +176,25 @@ def test_evaluation_records_name_their_split(in_process, tmp_path, val_split):
     assert (run / "checkpoints" / "best.pt").exists() == (val_split == "val")
 
 
+def test_a_split_that_is_val_and_test_is_listed_and_built_once(in_process, tmp_path, monkeypatch):
+    """val_split=test_split=test (ResNet Fig. 6's protocol): the test split is checked against the training split
+    once and built (decoded, for in-memory data) once, and the same images serve the curve and the final number."""
+    import repro.data.build as build
+
+    listed, built = [], []
+    real_shared, real_tensors = build.shared_images, build._tensors
+    monkeypatch.setattr(build, "shared_images", lambda cfg, split, train: listed.append(split) or
+                        real_shared(cfg, split, train))
+    monkeypatch.setattr(build, "_tensors", lambda cfg, split: built.append(split) or real_tensors(cfg, split))
+    res = in_process(train_main, "repro-train", "trainer.max_epochs=1", "val_split=test", "test_split=test",
+                     "name=once", *QUICK, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert listed == ["test"] and sorted(built) == ["test", "train"]
+    run = tmp_path / "outputs" / "train" / "once"
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert json.loads((run / "metrics.json").read_text())["center"] == last["test"]["center"]
+
+
 # ------------------------------------------------------------------------------------- folder classes
 def test_folder_class_lists_must_agree(in_process, tmp_path):
     """data=folder: an extra (empty) class folder in training only would shift every label; an empty class folder

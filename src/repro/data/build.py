@@ -144,7 +144,8 @@ def build_data(cfg: DictConfig, resolution: int, batch: int, d: Dist, device: to
                             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
         batch_aug, classes = None, base.classes
     val = _eval_set(cfg, cfg.val_split, views, spec.in_memory)
-    test = _test_set(cfg, views, in_memory=spec.in_memory)
+    # val_split=test (ResNet Fig. 6's curve): one dataset serves both, decoded once (validate sets its views).
+    test = val if cfg.test_split == cfg.val_split else _test_set(cfg, views, in_memory=spec.in_memory)
     pre = Preprocessing(tuple(aug.mean), tuple(aug.std), mean_image)
     skipped = [path for path, _ in train.skipped] if spec.in_memory else []
     return TrainData(loader, batch_aug, pre, val, test, classes, (resize, eval_crop), decoder, skipped)
@@ -187,7 +188,7 @@ def check_splits(cfg: DictConfig) -> None:
                          "val_split to a held-out split")
     for key in ("val_split", "test_split"):
         split = cfg[key]
-        if not split:
+        if not split or (key == "test_split" and split == cfg.val_split):  # listed once, checked as val_split
             continue
         try:
             shared, total = shared_images(cfg.data, split, cfg.train_split)

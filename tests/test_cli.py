@@ -139,6 +139,16 @@ def test_bad_choice_is_refused_when_config_is_built(config, override, valid):
      "eval.protocols[1]='tencrop' is not valid; choose one of ['center', 'ten_crop', 'multi_scale', 'slim_center']"),
     ("repro-summary", ["model=resnet56", "model.shortcut_pad=both"],
      "model.shortcut_pad='both' is not valid; choose one of ['after', 'split']"),
+    # null for a typed choice, and a group option with no config file: one line too, naming the valid ones
+    ("repro-train", ["trainer.amp=null"],
+     "trainer.amp=null is not valid; choose one of ['auto', 'bf16', 'fp16', 'off']"),
+    ("repro-train", ["seed=null"], "seed=null is not valid; give it a value"),
+    ("repro-train", ["data=cifar11"], "data=cifar11: configs/data/ has no cifar11.yaml; choose one of ['checkpoint', "
+     "'cifar10', 'cifar100', 'digits', 'folder', 'imagenet', 'synthetic']"),
+    ("repro-summary", ["model=resnet21"], "model=resnet21: configs/model/ has no resnet21.yaml; choose one of "
+     "['mobilenet_v1', 'mobilenet_v2', 'plain110', 'plain18', 'plain20', 'plain32', 'plain34', 'plain44', 'plain56', "
+     "'resnet101', 'resnet110', 'resnet1202', 'resnet152', 'resnet18', 'resnet20', 'resnet32', 'resnet34', 'resnet44', "
+     "'resnet50', 'resnet56']"),
 ])
 def test_bad_choice_is_one_line_through_the_cli(in_process, tmp_path, prog, args, line):
     """Through the console script a bad choice is one line naming key, value and choices; exit 2, nothing written."""
@@ -191,7 +201,7 @@ def test_summary_table(tmp_path):
         (["model=mobilenet_v1", "model.width_mult=0"], "width_mult=0.0 is not valid"),
         (["model=resnet18", "format=xml"], "format='xml' is not valid; choose one of ['table', 'json']"),
         (["model=resnet18", "model.resolution=0"], "model.resolution=0 is not valid"),
-        (["model=resnet19"], "Could not find 'model/resnet19'"),
+        (["model=resnet19"], "model=resnet19: configs/model/ has no resnet19.yaml; choose one of"),
     ],
 )
 def test_summary_bad_input_clear_message(tmp_path, args, message):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import fcntl
 import json
 import os
 import re
 import subprocess
 import sys
+import typing
+from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -155,9 +158,8 @@ def check_model_name(model: Any) -> None:
     if model is None or not OmegaConf.is_missing(model, "name"):
         return
     choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
-    names = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
     fail(f"model={choice or '?'} is a schema (the keys a family of models has), not a model; choose a model config: "
-         f"model=NAME with NAME one of {names}")
+         f"model=NAME with NAME one of {group_options('model')}")
 
 
 def claim_run_dir(out: Path, resume: str, name: str, hydra_node: Any) -> str | None:
@@ -216,7 +218,8 @@ def check_overrides(config_name: str, data_owners: dict[str, tuple[str, ...]] | 
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base=HYDRA_VERSION_BASE):
             compose(config_name, overrides=overrides)
     except Exception as e:  # Hydra's composition error, caused by OmegaConf's
-        problem = bad_choice(e) or (data_key_problem(str(e), argv, data_owners) if data_owners else None)
+        problem = (bad_choice(e) or missing_option(e, argv) or null_choice(e)
+                   or (data_key_problem(str(e), argv, data_owners) if data_owners else None))
         if problem:
             fail(problem)
 
@@ -227,6 +230,33 @@ def bad_choice(e: BaseException) -> str | None:
         found = re.match(r"Invalid value '.*', expected one of \[(.*)\]", str(getattr(e, "msg", "")))
         if found and getattr(e, "full_key", None):
             return f"{e.full_key}={e.value!r} is not valid; choose one of {found.group(1).split(', ')}"
+        e = e.__cause__
+    return None
+
+
+def group_options(group: str) -> list[str]:
+    """The configs of a Hydra group (`model`, `data`, `recipe`, ...): its YAML files, without the schemas."""
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def missing_option(e: BaseException, argv: list[str]) -> str | None:
+    """`model=resnet21 is not a model config; choose one of [...]` when `e` is Hydra's missing group option."""
+    missing = getattr(e, "missing_cfg_file", None)
+    if not missing or "/" not in missing:
+        return None
+    group, name = missing.rsplit("/", 1)
+    given = next((a for a in argv if a.split("=", 1)[0].lstrip("+~") == group), f"{group}={name}")
+    return f"{given}: configs/{group}/ has no {name}.yaml; choose one of {group_options(group)}"
+
+
+def null_choice(e: BaseException) -> str | None:
+    """`KEY=null is not valid; choose one of [...]` when `e` (or its cause) refuses null for a typed choice."""
+    while e is not None:
+        key, owner = getattr(e, "full_key", None), getattr(e, "object_type", None)
+        if key and "is not Optional" in str(getattr(e, "msg", "")):
+            typed = typing.get_type_hints(owner).get(str(e.key)) if dataclasses.is_dataclass(owner) else None
+            choices = [m.value for m in typed] if isinstance(typed, type) and issubclass(typed, Enum) else None
+            return f"{key}=null is not valid; " + (f"choose one of {choices}" if choices else "give it a value")
         e = e.__cause__
     return None
 

@@ -521,6 +521,14 @@ def _case_torchvision_without_model(d: Path, ckpt: Path):
             ["no model: give model=NAME", "only repro checkpoints carry their model config"])
 
 
+def _case_published_weights_without_data(d: Path, ckpt: Path):
+    path = d / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), path)
+    return ([f"weights.path={path}", "weights.format=torchvision", "model=resnet18"],
+            ["no dataset: give data=NAME (one of ['imagenet', 'folder', 'cifar10', 'cifar100', 'synthetic', 'digits'])",
+             "data.root"])
+
+
 def _case_cifar_without_test(d: Path, ckpt: Path):
     root = _folder(d / "cifar", {f"train/{c}/0.png": _png(32, 32) for c in CIFAR_CLASSES}, good=0)
     return (["data=cifar10", f"data.root={root}", "data.num_workers=0", f"weights.path={ckpt}"],

@@ -37,7 +37,7 @@ from repro.data import (
     build_dataset,
     collate,
 )
-from repro.data.datasets import Subset, spec_of
+from repro.data.datasets import DATASETS, Subset, spec_of
 from repro.distributed import (
     Dist,
     all_reduce_sum,
@@ -100,7 +100,7 @@ def resolve_inputs(cfg: DictConfig, stored: dict[str, Any]) -> tuple[dict, dict,
     if given["name"] != "checkpoint":
         return model_cfg, given, pre
     if saved_cfg.get("data") is None:
-        fail("no dataset: give data=imagenet|cifar10|cifar100|folder|synthetic with its data.root")
+        fail(f"no dataset: give data=NAME (one of {list(DATASETS)}) and its data.root")
     # The checkpoint's data config, with the keys given on the command line (data.split=val, data.batch_size=...).
     changed = {k: v for k, v in given.items() if k != "name" and v is not None}
     return model_cfg, {**saved_cfg["data"], **changed}, pre
@@ -192,7 +192,7 @@ def recalibrate_bn(model: nn.Module, normalize: Normalize, loader: Any, device: 
 def check_options(cfg: DictConfig) -> None:
     """Refuse bad option values before any work starts."""
     if cfg.weights.path is None:
-        fail("give the weights to evaluate: weights.path=FILE (and weights.format=repro|torchvision|akamaster)")
+        fail(f"give the weights to evaluate: weights.path=FILE (and weights.format={'|'.join(WEIGHT_FORMATS)})")
     if cfg.eval.bn_recalibrate < 0:
         fail(f"eval.bn_recalibrate={cfg.eval.bn_recalibrate} is not valid; give a number of images (0 = off)")
     if cfg.data is not None and cfg.data.batch_size is not None and not cfg.data.batch_size > 0:

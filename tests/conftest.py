@@ -64,10 +64,32 @@ def in_process(monkeypatch, capfd):
 @pytest.fixture
 def repro_eval(in_process):
     """Run `repro-eval ARGS` in this process (the console script's code path) in folder `cwd`, made if missing."""
-    from repro.eval import main as eval_main
+    from repro.eval import main
+
+    return console(in_process, main, "repro-eval")
+
+
+@pytest.fixture
+def repro_bench(in_process):
+    """Run `repro-bench ARGS` in this process in folder `cwd`, made if missing."""
+    from repro.bench import main
+
+    return console(in_process, main, "repro-bench")
+
+
+@pytest.fixture
+def repro_export(in_process):
+    """Run `repro-export ARGS` in this process in folder `cwd`, made if missing."""
+    from repro.export import main
+
+    return console(in_process, main, "repro-export")
+
+
+def console(in_process, main, prog: str):
+    """`run(*args, cwd=...)`: the console script `prog` (its `main`) run in this process in folder `cwd`."""
 
     def run(*args: str, cwd: Path) -> Result:
         cwd.mkdir(parents=True, exist_ok=True)
-        return in_process(eval_main, "repro-eval", *args, cwd=cwd)
+        return in_process(main, prog, *args, cwd=cwd)
 
     return run

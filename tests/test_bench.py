@@ -12,7 +12,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from repro.bench import main as bench_main
 from repro.bench import summarize_times
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
@@ -24,17 +23,6 @@ from repro.tables import generate
 
 TABLES = {t.id: t for t in RESULT_TABLES}
 RESULT_KEYS = {"model", "backend", "batch_size", "threads", "latency_ms", "latency_ms_p90", "images_per_s"}
-
-
-@pytest.fixture
-def repro_bench(in_process):
-    """Run `repro-bench ARGS` in this process in folder `cwd`."""
-
-    def run(*args: str, cwd: Path):
-        cwd.mkdir(parents=True, exist_ok=True)
-        return in_process(bench_main, "repro-bench", *args, cwd=cwd)
-
-    return run
 
 
 def test_json_schema_and_latency_grows_with_batch(repro_bench, tmp_path):

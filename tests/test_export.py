@@ -13,7 +13,6 @@ from PIL import Image
 from common import AKAMASTER_DIR, CIFAR_ROOT, IMAGENET_SAMPLE, MEAN, STD
 from repro.data import Preprocessing
 from repro.export import EXTRA_INSTALL
-from repro.export import main as export_main
 from repro.models import create_model, load_weights
 
 ort = pytest.importorskip("onnxruntime", reason=f"the export extra is not installed ({EXTRA_INSTALL})")
@@ -21,17 +20,6 @@ pytest.importorskip("onnxscript", reason=f"the export extra is not installed ({E
 tv = pytest.importorskip("torchvision.transforms")
 
 TOL = 1e-4  # the issue's: ORT logits within 1e-4 of PyTorch's
-
-
-@pytest.fixture
-def repro_export(in_process):
-    """Run `repro-export ARGS` in this process in folder `cwd`."""
-
-    def run(*args: str, cwd: Path):
-        cwd.mkdir(parents=True, exist_ok=True)
-        return in_process(export_main, "repro-export", *args, cwd=cwd)
-
-    return run
 
 
 def calibrated_checkpoint(name: str, resolution: int, path: Path, mean=MEAN, std=STD) -> Path:

@@ -32,6 +32,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TVF
 
+from repro.bench import cpu_model
 from repro.data.images import is_image_file, load_image
 from repro.data.transforms import EvalViews, RandomResizedCrop, ScaleAugCrop
 
@@ -100,17 +101,6 @@ def check_shapes(name: str, ours: Pipeline, tv: Pipeline, shape: tuple[int, ...]
             want = (shape, torch.uint8, a.numel(), torch.float32)
         if got != want:
             raise RuntimeError(f"{name}: {p} gives {got}, expected {want}")
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (or platform's guess)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict[str, str]:

@@ -41,6 +41,7 @@ from omegaconf import DictConfig
 
 import repro.data.build as rb
 import repro.train as rt
+from repro.bench import cpu_model
 from repro.cli import CONFIG_DIR
 from repro.config import register_configs
 from repro.data.datasets import ImageTensors
@@ -52,17 +53,6 @@ TARGET = 0.95
 
 
 # ------------------------------------------------------------------------------------------------ set-up
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_busy(seconds: float = 1.0) -> float | None:

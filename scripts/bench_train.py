@@ -2,6 +2,11 @@
 
     python scripts/bench_train.py [--root DIR | --synthetic] [--limit N] [--steps N] [--rounds N]
                                   [--batch-size 128] [--threads N] [--device cpu|cuda] [--json FILE]
+                                  [KEY=VALUE ...]
+
+Trailing KEY=VALUE arguments are repro-train overrides applied last (the numerics being compared:
+trainer.compile=true, trainer.channels_last=false, trainer.amp=bf16, model=resnet56, ...); the bare step uses the
+run's own model (compiled when trainer.compile=true) and autocast, so both rates change with them.
 
 The run is built exactly as `repro-train model=resnet20 data=cifar10 recipe=resnet_cifar` builds it: the
 Hydra config is composed from the project's configs and `repro.train.setup` makes the Training (in-memory uint8
@@ -42,7 +47,7 @@ from omegaconf import DictConfig
 import repro.data.build as rb
 import repro.train as rt
 from repro.bench import cpu_model
-from repro.cli import CONFIG_DIR
+from repro.cli import CONFIG_DIR, HYDRA_VERSION_BASE, check_overrides
 from repro.config import register_configs
 from repro.data.datasets import ImageTensors
 from repro.data.loaders import sample_seed
@@ -96,13 +101,14 @@ def compose_config(args: argparse.Namespace, root: Path | None) -> DictConfig:
         f"data.root={root if root is not None else '/nonexistent'}",
         f"data.limit={args.limit}",
         f"recipe.batch_size={args.batch_size}",
-        "test_split=null",  # cifar10-jpeg holds train/ only; evaluation is not timed anyway
+        "test_split=null",  # evaluation is not timed: nothing decodes the test split
         f"trainer.device={args.device}",
         "trainer.checkpoint_every=1000000000",  # no checkpoint writes inside the timed steps
         "trainer.progress=false",
         "name=bench_train",
+        *args.overrides,  # the user's, last: they win
     ]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=HYDRA_VERSION_BASE):
         return compose(config_name="train", overrides=overrides)
 
 
@@ -246,7 +252,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="repro-train overrides, e.g. trainer.compile=true trainer.amp=bf16")
     args = ap.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        ap.error(f"{bad[0]!r} is not an override; write KEY=VALUE, e.g. trainer.amp=bf16")
     if min(args.steps, args.rounds, args.batch_size, args.limit) < 1 or args.warmup < 0:
         ap.error("--steps, --rounds, --batch-size and --limit must be >= 1, --warmup >= 0")
     return args
@@ -255,6 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Build the run, warm up, time interleaved rounds, print the table (and write --json)."""
     args = parse_args(argv)
+    register_configs()
+    check_overrides("train", argv=args.overrides)  # a bad value is one line naming the choices
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
@@ -297,6 +310,11 @@ def measure(run: rt.Training, args: argparse.Namespace) -> dict[str, Any]:
             "implied_ratio": bare_ms / (bare_ms + sum(stages.values())), "cpu_share": cpu_share}
 
 
+def amp_name(dtype: torch.dtype | None) -> str | None:
+    """bfloat16 / float16 for the autocast dtype, None for full precision."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def fmt(values: list[float], digits: int = 1) -> str:
     """Numbers joined by spaces."""
     return " ".join(f"{v:.{digits}f}" for v in values)
@@ -313,7 +331,10 @@ def report(args: argparse.Namespace, info: dict[str, Any], source: str, run: rt.
           f"load average start {fmt(info['loadavg_start'] or [], 2)}, end {fmt(info['loadavg_end'] or [], 2)}")
     cfg = run.run.cfg
     print(f"model: {cfg.model.name}, recipe {cfg.recipe.name}, device {run.run.device}, batch {args.batch_size}, "
-          f"amp {run.numerics.amp_dtype}, {args.steps} steps x {args.rounds} rounds (warm-up {args.warmup})")
+          f"amp {amp_name(run.numerics.amp_dtype)}, channels_last {cfg.trainer.channels_last}, "
+          f"compile {cfg.trainer.compile}, {args.steps} steps x {args.rounds} rounds (warm-up {args.warmup})")
+    if args.overrides:
+        print(f"overrides: {' '.join(args.overrides)}")
     print(f"data: {source}; {run.data.loader.sampler.length} training images, "
           f"{run.data.loader.sampler.batches} batches/epoch")
     print()
@@ -340,6 +361,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], source: str, run: rt.
               "the ratios rather than absolute rates, or try --threads 1")
     if args.json:
         out = {"machine": info, "data": source, "model": run.run.cfg.model.name, "device": str(run.run.device),
+               "overrides": args.overrides, "amp": amp_name(run.numerics.amp_dtype),
+               "channels_last": cfg.trainer.channels_last, "compile": cfg.trainer.compile,
                "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
                "bare_img_s_median": bare_med, "full_img_s_median": full_med, "ratio_median": ratio,
                "target": TARGET, **res}

@@ -32,6 +32,22 @@ def test_bench_train_reports_bare_and_full_steps(tmp_path):
     assert r["ratio_median"] == pytest.approx(r["ratios"][0])
     assert {"BatchPadCrop", "Normalize"} <= set(r["stages_ms"]) and all(v >= 0 for v in r["stages_ms"].values())
     assert r["bare_ms_per_step"] == pytest.approx(1000 * 32 / r["bare_img_s_median"], rel=1e-6)
+    assert (r["amp"], r["channels_last"], r["compile"], r["overrides"]) == (None, True, False, [])  # train's defaults
+
+
+def test_bench_train_takes_repro_train_overrides(tmp_path):
+    """Trailing KEY=VALUE arguments reach the run being timed (bf16 autocast, NCHW); a bad value is one line."""
+    out = tmp_path / "bench.json"
+    res = _script("bench_train.py", "--synthetic", "--steps", "1", "--rounds", "1", "--warmup", "0", "--limit", "64",
+                  "--batch-size", "32", "--json", str(out), "trainer.amp=bf16", "trainer.channels_last=false",
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert (r["amp"], r["channels_last"], r["overrides"]) == ("bfloat16", False,
+                                                              ["trainer.amp=bf16", "trainer.channels_last=false"])
+    assert "amp bfloat16, channels_last False" in res.stdout
+    bad = _script("bench_train.py", "--synthetic", "trainer.amp=bf61", cwd=tmp_path)
+    assert bad.returncode == 2 and "trainer.amp='bf61' is not valid; choose one of" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_bench_data_compares_every_pipeline_with_torchvision(tmp_path):

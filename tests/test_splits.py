@@ -81,13 +81,36 @@ def test_trainval_with_val_refused_before_decoding(in_process, tmp_path, monkeyp
     assert _written(tmp_path / "outputs" / "train" / "overlap") == []
 
 
-def _folder(root: Path, n: int = 2) -> Path:
+def _folder(root: Path, n: int = 2, size: int = 8) -> Path:
     """A class-folder tree of tiny real PNGs: root/<a|b>/<i>.png."""
     for c, cls in enumerate("ab"):
         (root / cls).mkdir(parents=True)
         for i in range(n):
-            write_png(torch.full((3, 8, 8), 40 * c + i, dtype=torch.uint8), str(root / cls / f"{i}.png"))
+            write_png(torch.full((3, size, size), 40 * c + i, dtype=torch.uint8), str(root / cls / f"{i}.png"))
     return root
+
+
+def test_a_run_walks_each_data_folder_once(in_process, tmp_path, monkeypatch):
+    """repro-train checks the splits (listing train and val) and then builds their loaders: each folder is walked
+    once for both, while outside a run every build_dataset lists afresh and sees files added since."""
+    train, val = _folder(tmp_path / "train", 4, size=32), _folder(tmp_path / "val", 2, size=32)
+    walked: list[str] = []
+    real = datasets._scan_folder
+    monkeypatch.setattr(datasets, "_scan_folder", lambda root, names: walked.append(str(root)) or real(root, names))
+    res = in_process(train_main, "repro-train", "model=resnet20", "data=folder", f"data.train_dir={train}",
+                     f"data.val_dir={val}", "data.num_classes=null", "data.num_workers=0", "data.batch_size=4",
+                     "test_split=null", "recipe.batch_size=4", "trainer.max_steps=1", "name=once", *QUICK,
+                     cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(walked) == [str(train), str(val)]
+    cfg = SimpleNamespace(name="folder", root=None, train_dir=str(train), val_dir=str(val), num_classes=None)
+    assert len(datasets.build_dataset(cfg, "train")) == 8
+    write_png(torch.zeros((3, 32, 32), dtype=torch.uint8), str(train / "a" / "new.png"))
+    assert len(datasets.build_dataset(cfg, "train")) == 9
+    with datasets.list_once():
+        first = datasets.build_dataset(cfg, "train")
+        (train / "a" / "new.png").unlink()
+        assert datasets.build_dataset(cfg, "train").paths == first.paths  # the listing of this run
 
 
 @pytest.mark.parametrize("layout", ["symlinked_files", "same_folder", "inside_train"])

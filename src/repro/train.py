@@ -56,7 +56,7 @@ from repro.cli import (
 from repro.config import register_configs
 from repro.data import DataError, EvalViews, Normalize, ShardSampler, collate
 from repro.data.build import TrainData, build_data, check_splits, crop_problem
-from repro.data.datasets import DATA_KEYS, DATASETS, SPECS, ImageTensors, spec_of
+from repro.data.datasets import DATA_KEYS, DATASETS, SPECS, ImageTensors, list_once, spec_of
 from repro.data.loaders import sample_seed
 from repro.distributed import (
     Dist,
@@ -539,26 +539,27 @@ def fit(t: Training) -> None:
 def _train(cfg: DictConfig) -> None:
     """Set up (failing fast on bad config), resume if asked, train, evaluate, write metrics.json."""
     check_config(cfg)
-    try:
-        check_splits(cfg)  # the splits' files are listed, not decoded
-        export_slurm_env()  # the ranks of a multi-task SLURM job, before the device is chosen by LOCAL_RANK
-        device = select_device(cfg.trainer.device)
-        d = init_distributed(device, cfg.trainer.dist_timeout_s)  # also makes the device current on CUDA
-        # Rank 0's run dir and the arguments that continue it (other ranks have a scratch dir and another name).
-        hint = resume_args(cfg.name, HydraConfig.get()) if d.is_main else None
-        out_str, hint = broadcast_object((str(run_dir()), hint), d)
-        out = Path(out_str)
-        # Never another run's dir (unless resume=auto), never two processes in one (a sweep's job claims it here).
-        problem = broadcast_object(claim_run_dir(out, cfg.resume, cfg.name, HydraConfig.get()) if d.is_main
-                                   else None, d)
-        if problem:
-            fail(problem)
-        last = out / "checkpoints" / "last.pt"
-        ck = read_checkpoint(last, hint) if cfg.resume == "auto" else None
-        t = setup(cfg, d, device, out)
-        t.run.resume_hint = hint
-    except (ValueError, DataError) as e:
-        fail(str(e))
+    with list_once():  # the split checks and the loaders walk each data folder once
+        try:
+            check_splits(cfg)  # the splits' files are listed, not decoded
+            export_slurm_env()  # the ranks of a multi-task SLURM job, before the device is chosen by LOCAL_RANK
+            device = select_device(cfg.trainer.device)
+            d = init_distributed(device, cfg.trainer.dist_timeout_s)  # also makes the device current on CUDA
+            # Rank 0's run dir and the arguments that continue it (other ranks have a scratch dir and another name).
+            hint = resume_args(cfg.name, HydraConfig.get()) if d.is_main else None
+            out_str, hint = broadcast_object((str(run_dir()), hint), d)
+            out = Path(out_str)
+            # Never another run's dir (unless resume=auto), never two processes in one (a sweep's job claims it here).
+            problem = broadcast_object(claim_run_dir(out, cfg.resume, cfg.name, HydraConfig.get()) if d.is_main
+                                       else None, d)
+            if problem:
+                fail(problem)
+            last = out / "checkpoints" / "last.pt"
+            ck = read_checkpoint(last, hint) if cfg.resume == "auto" else None
+            t = setup(cfg, d, device, out)
+            t.run.resume_hint = hint
+        except (ValueError, DataError) as e:
+            fail(str(e))
     run = t.run
     try:
         resumed = ck is not None and resume(last, t.state, cfg, d, device, ck, hint)

@@ -8,8 +8,9 @@ raising inside a worker, so the main process can stop with a clear message or sk
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,41 @@ def imagenet_synsets() -> list[str]:
     return list(ImageNetInfo().label_names())
 
 
-def scan_folder(root: str | Path, class_names: Sequence[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+Listing = tuple[list[str], list[int], list[str]]  # (paths, labels, classes) of a class-folder tree
+_listings: dict[tuple[str, tuple[str, ...] | None], Listing] | None = None  # scan_folder's memo inside list_once
+
+
+@contextlib.contextmanager
+def list_once() -> Iterator[None]:
+    """Inside the block, scan_folder walks each folder once: a run's split checks and its loaders share the listing.
+
+    ImageNet's 1.28M training files take seconds to list on a local disk and minutes on network storage; outside
+    the block every call lists the folder afresh (files may have changed).
+    """
+    global _listings
+    outer = _listings
+    if outer is None:
+        _listings = {}
+    try:
+        yield
+    finally:
+        _listings = outer
+
+
+def scan_folder(root: str | Path, class_names: Sequence[str] | None = None) -> Listing:
     """List `root/<class>/**/<image>`: (paths, labels, classes). With `class_names`, labels index into it."""
-    root = Path(root)
+    key = (os.path.abspath(root), None if class_names is None else tuple(class_names))
+    if _listings is not None and key in _listings:
+        paths, labels, classes = _listings[key]
+    else:
+        paths, labels, classes = _scan_folder(Path(root), class_names)
+        if _listings is not None:
+            _listings[key] = paths, labels, classes
+    return list(paths), list(labels), list(classes)  # the caller's own lists: the memo stays as listed
+
+
+def _scan_folder(root: Path, class_names: Sequence[str] | None) -> Listing:
+    """scan_folder's walk of the tree, with its refusals."""
     if not root.exists():
         raise DataError(f"data folder {str(root)!r} does not exist; set data.root (or data.train_dir / "
                         f"data.val_dir) to a folder holding one sub-folder of images per class")

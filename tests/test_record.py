@@ -49,3 +49,30 @@ def test_record_of_a_finished_run_evaluates_to_its_metrics(in_process, tmp_path)
     (run / "metrics.json").unlink()
     with pytest.raises(ValueError, match="has not finished"):
         record_run.record(run, cwd / "records", force=True)
+
+
+COMMITTED = ROOT / "results" / "runs" / "resnet_table6" / "cifar_resnet20" / "seed0"
+
+
+def test_committed_resnet20_record_still_scores_its_number(repro_eval, tmp_path):
+    """The committed ResNet-20 record (issue 11: 64,000 steps of the paper's recipe) is complete and faithful, and
+    repro-eval of its model.pt on the 10k CIFAR-10 test JPEGs at this commit gives its metrics.json figures exactly:
+    a change to the model, the checkpoint format, the preprocessing or the evaluation that moves the number fails."""
+    if not (CIFAR_ROOT / "test").is_dir():
+        pytest.skip(f"CIFAR-10 test/ images not found in {CIFAR_ROOT}")
+    from repro.report.figures import TABLES
+    from repro.report.results import discover_runs, is_faithful
+
+    metrics = json.loads((COMMITTED / "metrics.json").read_text())
+    assert (metrics["steps"], metrics["split"], metrics["batch"]["global"]) == (64000, "test", 128)
+    assert len(json.loads((COMMITTED / "run.json").read_text())["git_commit"]) == 40
+    (run,) = discover_runs([str(COMMITTED)])
+    table = TABLES["resnet_table6"]
+    assert is_faithful(run, table, next(r for r in table.rows if r.label == "ResNet-20"))  # the paper's experiment
+    res = repro_eval(f"weights.path={COMMITTED / 'model.pt'}", f"data.root={CIFAR_ROOT}", "data.num_workers=0",
+                     "eval.progress=false", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (out,) = (tmp_path / "outputs" / "eval").glob("*/metrics.json")
+    got = json.loads(out.read_text())
+    assert (got["config"]["data"]["split"], got["config"]["data"]["limit"]) == ("test", None)
+    assert got["center"] == metrics["center"] and got["center"]["images"] == 10000

@@ -723,7 +723,9 @@ def data_notes(result: TableResult) -> list[str]:
     dataset = result.table.dataset
     name = SPECS[dataset].title if dataset in SPECS else dataset
     return [f"Data: our runs of {', '.join(rows)} read JPEG re-encodings of {name} (image folders), not the original "
-            f"images; JPEG is lossy, so train and test images differ slightly from the paper's."]
+            f"images; JPEG is lossy (small images lose much of their detail), so these numbers compare with runs on "
+            f"the same files more than with the paper's: a model trained on the originals scores far worse on JPEG "
+            f"copies (see the README)."]
 
 
 def _fmt_option(v: Any) -> str:

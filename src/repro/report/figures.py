@@ -174,20 +174,30 @@ def _splits(table: PaperTable, *panels: list[str]) -> str:
     return " / ".join(out) or _default_split(table, table.rows[0])
 
 
+def _curve_figure(table: PaperTable, runs: list[RunRecord], panels: list[tuple[list[PaperRow], str]],
+                  iterations: float, title: str, path: Path, ylim: float | None = None) -> Plot:
+    """Side-by-side curve panels (one per (rows, title)) sharing the y axis; `title` gets the drawn splits."""
+    plt = _plt()
+    paper = {r.label: r.paper["top1_err"] for r in table.rows}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4), sharey=True)
+    drawn, splits = 0, []
+    for ax, (rows, name) in zip(axes, panels):
+        n, s = _curve_panel(ax, runs, table, rows, paper, name, iterations)
+        drawn, splits = drawn + n, [*splits, s]
+        if ylim is not None:
+            ax.set_ylim(0, ylim)
+    fig.suptitle(title.format(splits=_splits(table, *splits)), fontsize=9)
+    return _save(fig, path, drawn)
+
+
 def resnet_fig4(runs: list[RunRecord], path: Path) -> Plot:
     """ResNet Fig. 4: ImageNet plain-18/34 (left) and ResNet-18/34 (right), thin train, bold val error."""
-    plt = _plt()
     table = TABLES["resnet_table2"]
     rows = {r.label: r for r in table.rows}
-    paper = {r.label: r.paper["top1_err"] for r in table.rows}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    drawn, left = _curve_panel(axes[0], runs, table, [rows["plain-18"], rows["plain-34"]], paper, "plain networks",
-                               60e4)
-    n, right = _curve_panel(axes[1], runs, table, [rows["ResNet-18"], rows["ResNet-34"]], paper,
-                            "ResNets (option A)", 60e4)
-    fig.suptitle(f"ResNet Fig. 4: ImageNet training (thin) and center-crop {_splits(table, left, right)} (bold) error; "
-                 "dashed: paper's 10-crop Table 2", fontsize=9)
-    return _save(fig, path, drawn + n)
+    return _curve_figure(table, runs, [([rows["plain-18"], rows["plain-34"]], "plain networks"),
+                                       ([rows["ResNet-18"], rows["ResNet-34"]], "ResNets (option A)")], 60e4,
+                         "ResNet Fig. 4: ImageNet training (thin) and center-crop {splits} (bold) error; dashed: "
+                         "paper's 10-crop Table 2", path)
 
 
 # Fig. 6's plain nets are rows of experiment resnet_fig6 (Table 6 has no plain nets).
@@ -197,22 +207,13 @@ FIG6_PLAINS = [PaperRow(f"plain-{n}", f"plain{n}", select={"experiment": "resnet
 
 def resnet_fig6(runs: list[RunRecord], path: Path) -> Plot:
     """ResNet Fig. 6: CIFAR-10 plain-20...56, ResNet-20...110, ResNet-110 vs 1202; thin train, bold test error."""
-    plt = _plt()
     table = TABLES["resnet_table6"]
     resnets = {r.model: r for r in table.rows}
-    paper = {r.label: r.paper["top1_err"] for r in table.rows}
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
-    drawn, splits = 0, []
-    for ax, rows, title in ((axes[0], FIG6_PLAINS, "plain networks"),
-                            (axes[1], [resnets[f"resnet{n}"] for n in (20, 32, 44, 56, 110)], "ResNets"),
-                            (axes[2], [resnets["resnet110"], resnets["resnet1202"]], "ResNet-110 vs 1202")):
-        n, s = _curve_panel(ax, runs, table, rows, paper, title, 64e3)
-        drawn, splits = drawn + n, [*splits, s]
-    for ax in axes:
-        ax.set_ylim(0, 20)
-    fig.suptitle(f"ResNet Fig. 6: CIFAR-10 training (thin) and {_splits(table, *splits)} (bold) error; dashed: paper's "
-                 "Table 6 test error", fontsize=9)
-    return _save(fig, path, drawn)
+    return _curve_figure(table, runs, [(FIG6_PLAINS, "plain networks"),
+                                       ([resnets[f"resnet{n}"] for n in (20, 32, 44, 56, 110)], "ResNets"),
+                                       ([resnets["resnet110"], resnets["resnet1202"]], "ResNet-110 vs 1202")],
+                         64e3, "ResNet Fig. 6: CIFAR-10 training (thin) and {splits} (bold) error; dashed: paper's "
+                         "Table 6 test error", path, ylim=20)
 
 
 FIG7_MODELS = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")

@@ -175,11 +175,11 @@ def _splits(table: PaperTable, *panels: list[str]) -> str:
 
 
 def _curve_figure(table: PaperTable, runs: list[RunRecord], panels: list[tuple[list[PaperRow], str]],
-                  iterations: float, title: str, path: Path, ylim: float | None = None) -> Plot:
+                  iterations: float, title: str, path: Path, width: float, ylim: float | None = None) -> Plot:
     """Side-by-side curve panels (one per (rows, title)) sharing the y axis; `title` gets the drawn splits."""
     plt = _plt()
     paper = {r.label: r.paper["top1_err"] for r in table.rows}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4), sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4), sharey=True)
     drawn, splits = 0, []
     for ax, (rows, name) in zip(axes, panels):
         n, s = _curve_panel(ax, runs, table, rows, paper, name, iterations)
@@ -197,7 +197,7 @@ def resnet_fig4(runs: list[RunRecord], path: Path) -> Plot:
     return _curve_figure(table, runs, [([rows["plain-18"], rows["plain-34"]], "plain networks"),
                                        ([rows["ResNet-18"], rows["ResNet-34"]], "ResNets (option A)")], 60e4,
                          "ResNet Fig. 4: ImageNet training (thin) and center-crop {splits} (bold) error; dashed: "
-                         "paper's 10-crop Table 2", path)
+                         "paper's 10-crop Table 2", path, width=10)
 
 
 # Fig. 6's plain nets are rows of experiment resnet_fig6 (Table 6 has no plain nets).
@@ -213,7 +213,7 @@ def resnet_fig6(runs: list[RunRecord], path: Path) -> Plot:
                                        ([resnets[f"resnet{n}"] for n in (20, 32, 44, 56, 110)], "ResNets"),
                                        ([resnets["resnet110"], resnets["resnet1202"]], "ResNet-110 vs 1202")],
                          64e3, "ResNet Fig. 6: CIFAR-10 training (thin) and {splits} (bold) error; dashed: paper's "
-                         "Table 6 test error", path, ylim=20)
+                         "Table 6 test error", path, width=14, ylim=20)
 
 
 FIG7_MODELS = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")
